@@ -1,0 +1,1 @@
+"""epkern.hooks: overlap communication of one micro-batch with computation of another."""

@@ -1,0 +1,1 @@
+"""epkern.solver: LPLB-style load balancing (topologies, EPLB placement, Planner, IPM)."""
