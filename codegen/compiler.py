@@ -102,10 +102,20 @@ def target_arch(arch: str | None = None) -> str:
 
 
 def compile_options(arch: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The options that decide the generated code (part of the cache key).
+
+    Header search paths are left out: they name this machine's site-packages
+    (python3.11 here, python3.12 there), so keying on them would stop cubins
+    built ahead on one machine from loading offline on another. The headers
+    belong to the CUDA toolkit, identified by the NVRTC version instead.
+    compile_cubin adds them."""
     opts = list(BASE_OPTIONS) + [f"-arch={arch}"]
-    opts += [f"-I{d}" for d in include_dirs()]
     opts += list(extra) + list(knobs.extra_nvrtc_options())
     return tuple(opts)
+
+
+def include_options() -> tuple[str, ...]:
+    return tuple(f"-I{d}" for d in include_dirs())
 
 
 @dataclass(frozen=True)
@@ -115,11 +125,11 @@ class CompiledKernel:
 
 
 def compile_cubin(spec, source: str, options: tuple[str, ...]) -> CompiledKernel:
-    """Compile with NVRTC through cuda.bindings.
+    """Compile with NVRTC through cuda.bindings; options from compile_options, headers added here.
 
-    cuda.bindings rather than cuda.core's Program: the option strings here are
-    passed verbatim, so the cache key, the error and the compile agree exactly,
-    and the log is available as text on failure.
+    cuda.bindings rather than cuda.core's Program: the option strings are
+    passed verbatim, so the cache key, the error and the compile agree (up to
+    the header paths), and the log is available as text on failure.
     """
     from cuda.bindings import nvrtc
 
@@ -128,6 +138,7 @@ def compile_cubin(spec, source: str, options: tuple[str, ...]) -> CompiledKernel
             raise RuntimeError(f"{what} failed for {spec.name}: {result[0]}")
         return result[1] if len(result) > 1 else None
 
+    options = tuple(options) + include_options()
     prog = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{spec.symbol}.cu".encode(), 0, [], []),
                  "nvrtcCreateProgram")
     try:
