@@ -67,18 +67,30 @@ def layout_reference(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
 
 
 class _Workspace:
-    """Per (spec, device, stream) scratch: partial counts and the last-block ticket (zeroed once)."""
+    """Per (spec, device, stream) scratch: partial counts and the last-block ticket.
+
+    The kernel leaves the ticket at zero, so it is zeroed only while it cannot be
+    trusted yet. A workspace first made during CUDA-graph capture is zeroed by a
+    memset node of that one graph only: until an eager launch has zeroed it, every
+    graph captured with it zeroes it again, and the next eager launch zeroes it once.
+    """
 
     _cache: dict = {}
 
+    def __init__(self, spec: LayoutSpec, device: torch.device):
+        self.partials = torch.empty(MAX_BLOCKS * (spec.num_experts + spec.num_ranks), dtype=torch.int32, device=device)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+        self.trusted = not torch.cuda.is_current_stream_capturing()
+
     @classmethod
-    def get(cls, spec: LayoutSpec, device: torch.device, stream_handle: int):
+    def get(cls, spec: LayoutSpec, device: torch.device, stream_handle: int) -> "_Workspace":
         key = (spec, device.index, stream_handle)
         ws = cls._cache.get(key)
         if ws is None:
-            partials = torch.empty(MAX_BLOCKS * (spec.num_experts + spec.num_ranks), dtype=torch.int32, device=device)
-            ticket = torch.zeros(1, dtype=torch.int32, device=device)
-            ws = cls._cache[key] = (partials, ticket)
+            ws = cls._cache[key] = cls(spec, device)
+        elif not ws.trusted:
+            ws.ticket.zero_()
+            ws.trusted = not torch.cuda.is_current_stream_capturing()
         return ws
 
 
@@ -106,11 +118,11 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
     in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
     stream = torch.cuda.current_stream(device)
-    partials, ticket = _Workspace.get(spec, device, stream.cuda_stream)
+    ws = _Workspace.get(spec, device, stream.cuda_stream)
     grid = max(1, min(MAX_BLOCKS, -(-num_tokens // spec.threads)))
     module = get_module(spec, device.index)
     module.launch("", grid, spec.threads, topk_idx, np.int32(num_tokens), per_rank, per_expert, in_rank,
-                  partials, ticket, stream=stream)
+                  ws.partials, ws.ticket, stream=stream)
     return per_rank, per_expert, in_rank
 
 

@@ -10,7 +10,7 @@ import torch
 from epkern import get_dispatch_layout
 from epkern.codegen import compiler, jit, runtime
 from epkern.deployment import Deployment
-from epkern.layout import MAX_RANKS, deployment_specs, layout_reference
+from epkern.layout import MAX_RANKS, LayoutSpec, _Workspace, deployment_specs, layout_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,6 +196,37 @@ def test_kernel_under_cuda_graph(num_tokens, num_ranks):
     # eager launches still agree after the replays
     assert_layout_equal(get_dispatch_layout(static, num_experts, num_ranks),
                         layout_reference(static.cpu(), num_experts, num_ranks))
+
+
+@pytest.mark.gpu
+def test_workspace_first_made_during_capture_is_zeroed_by_each_graph():
+    """The last-block ticket first allocated inside a capture may hold anything (recycled pool memory)
+    until an eager launch zeroes it: every graph captured meanwhile must zero it itself."""
+    num_experts, num_ranks, num_topk = 40, 5, 3  # a spec no other test uses on this stream
+    inputs = [random_topk(1000, num_topk, num_experts, seed=s, device="cuda") for s in range(2)]
+    get_dispatch_layout(inputs[0], num_experts, num_ranks)  # compile and load outside the capture
+    torch.cuda.synchronize()
+    capture_stream = torch.cuda.Stream()
+    graphs, outputs = [], []
+    for x in inputs:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream):
+            outputs.append(get_dispatch_layout(x, num_experts, num_ranks))
+        graphs.append(graph)
+    spec = LayoutSpec(num_experts=num_experts, num_ranks=num_ranks, num_topk=num_topk)
+    ws = _Workspace._cache[(spec, inputs[0].device.index, capture_stream.cuda_stream)]
+    for i in (1, 0, 1):
+        ws.ticket.fill_(7)  # garbage, as recycled memory may hold
+        graphs[i].replay()
+        torch.cuda.synchronize()
+        assert_layout_equal(outputs[i], layout_reference(inputs[i].cpu(), num_experts, num_ranks))
+    ws.ticket.fill_(7)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(capture_stream):  # eager on that stream: zeroed once, trusted afterwards
+        got = get_dispatch_layout(inputs[1], num_experts, num_ranks)
+    capture_stream.synchronize()
+    assert_layout_equal(got, layout_reference(inputs[1].cpu(), num_experts, num_ranks))
+    assert ws.trusted
 
 
 @pytest.mark.gpu
