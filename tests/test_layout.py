@@ -235,6 +235,18 @@ def test_kernel_rejects_out_of_range_ids_on_gpu():
         get_dispatch_layout(torch.full((8, 2), 256, dtype=torch.int64, device="cuda"), 256, 8)
 
 
+@pytest.mark.gpu
+def test_kernel_ignores_unchecked_out_of_range_ids(monkeypatch):
+    """With value checks off (as under graph capture) ids >= E must not write out of bounds."""
+    monkeypatch.setenv("EPKERN_CHECK_VALUES", "0")
+    topk = random_topk(2000, 8, 256, seed=5)
+    bad = torch.rand(topk.shape, generator=torch.Generator().manual_seed(6)) < 0.05
+    want = layout_reference(torch.where(bad, torch.full_like(topk, -1), topk), 256, 8)
+    got = get_dispatch_layout(torch.where(bad, topk + 256 * 1000, topk).cuda(), 256, 8)
+    torch.cuda.synchronize()
+    assert_layout_equal(got, want)
+
+
 # -- GPU: cubins precompiled on a CPU-only machine load offline -----------------------------------
 def _precompiled_cache() -> Path:
     return Path(os.environ.get("PRECOMPILED_CACHE_DIR", REPO / ".gpu_cache"))
