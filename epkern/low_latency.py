@@ -1,0 +1,290 @@
+"""Low-latency dispatch / combine for decoding, over NVLink peer memory, with DeepEP's API.
+
+`LowLatencyBuffer(group, num_bytes)` maps one peer buffer per rank into every rank. Dispatch
+writes each (token, expert) copy straight into the receiver's staging slot
+[local expert][source rank][slot] (FP8-cast on the fly), then publishes per-(expert, source)
+counts with release stores; the receive kernel waits on those flags (with a deadline) and lays
+the rows out in recv_x, first by source rank, then by token order at the source. Combine sends
+every expert output row back to its source rank, which sums the top-k rows with their weights.
+
+Two buffers alternate (dispatch and combine each flip), so at most two results may be alive.
+No host synchronization on any path; the token count and M are run-time kernel arguments, so
+CUDA-graph capture works and changing them compiles nothing. SMs used: dispatch send
+min(T, num_sms), dispatch receive min(E/R, num_sms), combine send min(E/R, num_sms), combine
+receive min(T, num_sms) blocks of 512 threads, one block per SM (num_sms defaults to 32).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from epkern.codegen import get_module, knobs
+
+from .events import EventOverlap
+from .low_latency_kernels import (DISPATCH_KINDS, BufferLayout, LowLatencySpec, dispatch_kind, max_tokens_for_bytes,
+                                  size_hint)
+from .peer_memory import PeerBuffer
+from .validate import check_cuda, check_positive_int, check_range, check_tensor
+
+DEFAULT_NUM_SMS = 32
+
+
+def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                   num_experts: int) -> int:
+    """Bytes of peer buffer per rank for low-latency mode (DeepEP's name; it sizes our NVLink buffer).
+
+    = 256 + 2 x (8E rounded to 128 + E*M*(16 + 2H) + E*M*2H), each region rounded up to 128 bytes.
+    """
+    return size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+
+def max_dispatch_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """The inverse of the size hint: the largest M per rank that num_bytes holds (0 if none)."""
+    return max_tokens_for_bytes(num_bytes, hidden, num_ranks, num_experts)
+
+
+def deployment_specs(deployment) -> list[LowLatencySpec]:
+    """Every low-latency kernel a deployment needs: four dispatch formats and combine per EP size."""
+    return [LowLatencySpec(kind, deployment.hidden, r, deployment.num_experts, deployment.num_topk)
+            for r in deployment.ep_sizes for kind in DISPATCH_KINDS + ("combine",)]
+
+
+def _np_ptr(value: int) -> np.uint64:
+    return np.uint64(value)
+
+
+class LowLatencyBuffer:
+    """The low-latency half of epkern.Buffer: DeepEP's low_latency_* methods over one peer buffer."""
+
+    def __init__(self, group, num_bytes: int, timeout_s: float | None = None, num_sms: int = DEFAULT_NUM_SMS):
+        check_positive_int("num_bytes", num_bytes)
+        check_positive_int("num_sms", num_sms)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.num_bytes = int(num_bytes)
+        self.num_sms = num_sms
+        timeout = knobs.peer_timeout_s() if timeout_s is None else float(timeout_s)
+        if not timeout > 0:
+            raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
+        self.timeout_ns = np.uint64(int(timeout * 1e9))
+        self.peer = PeerBuffer(group, self.num_bytes)
+        self.device = self.peer.device
+        self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
+        self.tickets = torch.zeros(4, dtype=torch.int32, device=self.device)  # [dispatch send, combine recv] x 2
+        self.barrier_epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.buffer_idx = 0
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _layout(self, max_tokens: int, hidden: int, num_experts: int) -> BufferLayout:
+        layout = BufferLayout(max_tokens, hidden, num_experts)
+        if layout.total_bytes > self.num_bytes:
+            raise ValueError(
+                f"low-latency buffer too small: M={max_tokens}, hidden={hidden}, experts={num_experts} need "
+                f"{layout.total_bytes} bytes, the buffer has {self.num_bytes}; allocate "
+                f"get_low_latency_rdma_size_hint(...) bytes, or use M <= "
+                f"{max_tokens_for_bytes(self.num_bytes, hidden, self.num_ranks, num_experts)}")
+        return layout
+
+    def _next_buffer(self) -> int:
+        idx = self.buffer_idx
+        self.buffer_idx ^= 1
+        return idx
+
+    def _check_experts(self, num_experts: int) -> None:
+        check_positive_int("num_experts", num_experts)
+        if num_experts % self.num_ranks:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the number of ranks {self.num_ranks}")
+
+    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int, max_tokens: int) -> None:
+        check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2, device=self.device)
+        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
+            raise ValueError(f"topk_idx: {topk_idx.shape[0]} rows, expected one per token ({num_tokens})")
+        if topk_idx.shape[0] > max_tokens:
+            raise ValueError(f"{topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={max_tokens}")
+        check_range("topk_idx", topk_idx, -1, num_experts)
+
+    def _check_stats(self, name: str, t, length: int, dtype) -> None:
+        if t is not None:
+            check_tensor(name, t, dtype=dtype, shape=(length,), ndim=1, device=self.device)
+
+    # -- dispatch ------------------------------------------------------------------------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                             dispatch_wait_recv_cost_stats: torch.Tensor | None = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Send each token to the ranks of its top-k experts; returns (recv_x, recv_count, handle, event, hook).
+
+        recv_x: bf16 [L, R*M, H], or (fp8 [L, R*M, H], scales) with fp32 scales [L, R*M, H/128] or, with
+        use_ue8m0, int32 [L, R*M, ceil(H/512)] (4 UE8M0 bytes each); the scales' last two dimensions are
+        column-major. Only the first recv_count[l] rows of expert l are valid, ordered by source rank,
+        then by token index at the source. handle = (src_info [L, R*M] int32, layout_range [L, R] int64
+        = (begin << 32) | count, M, H, E). dispatch_wait_recv_cost_stats ([R] int64) accumulates the
+        nanoseconds spent waiting for each source rank.
+        """
+        M = num_max_dispatch_tokens_per_rank
+        check_positive_int("num_max_dispatch_tokens_per_rank", M)
+        self._check_experts(num_experts)
+        check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device)
+        num_tokens, hidden = x.shape
+        if hidden % 128:
+            raise ValueError(f"x: hidden={hidden} must be a multiple of 128")
+        self._check_topk(topk_idx, num_tokens, num_experts, M)
+        L, R = num_experts // self.num_ranks, self.num_ranks
+        self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, L, torch.int32)
+        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, R, torch.int64)
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set")
+        spec = LowLatencySpec(dispatch_kind(use_fp8, round_scale, use_ue8m0), hidden, R, num_experts, topk_idx.shape[1])
+        layout = self._layout(M, hidden, num_experts)
+        idx = self._next_buffer()
+
+        # outputs (the scales are allocated [L, S, R*M] and transposed: column-major per expert)
+        dev = self.device
+        recv_x = torch.empty(L, R * M, hidden, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
+        recv_scales = None
+        if use_fp8:
+            if use_ue8m0:
+                recv_scales = torch.empty(L, -(-hidden // 512), R * M, dtype=torch.int32, device=dev).transpose(1, 2)
+            else:
+                recv_scales = torch.empty(L, hidden // 128, R * M, dtype=torch.float32, device=dev).transpose(1, 2)
+        recv_count = torch.empty(L, dtype=torch.int32, device=dev)
+        src_info = torch.empty(L, R * M, dtype=torch.int32, device=dev)
+        layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
+
+        module = get_module(spec, dev.index)
+        peer = self.peer
+        module.launch("send", max(1, min(num_tokens, self.num_sms)), spec.threads, x, topk_idx,
+                      np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table,
+                      np.int64(layout.recv(idx)), np.int64(layout.dispatch_flags(idx)), self.mask,
+                      self.tickets[2 * idx:], smem=spec.send_smem)
+
+        def recv_hook():
+            module.launch("recv", min(L, self.num_sms), spec.threads, recv_x, recv_scales, recv_count, src_info,
+                          layout_range, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                          np.int32(M), np.int32(self.rank), _np_ptr(peer.local_ptr),
+                          np.int64(layout.recv(idx)), np.int64(layout.dispatch_flags(idx)), self.mask,
+                          self.timeout_ns)
+
+        hook = recv_hook if return_recv_hook else None
+        if not return_recv_hook:
+            recv_hook()
+        handle = (src_info, layout_range, M, hidden, num_experts)
+        event = EventOverlap.record(extra_tensors=(x, topk_idx, recv_x, recv_scales, recv_count, src_info,
+                                                   layout_range)) if async_finish else EventOverlap()
+        packed = (recv_x, recv_scales) if use_fp8 else recv_x
+        return packed, recv_count, handle, event, hook
+
+    # -- combine -------------------------------------------------------------------------------------
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: torch.Tensor | None = None,
+                            combine_wait_recv_cost_stats: torch.Tensor | None = None):
+        """Return each expert row to its source rank and reduce: combined_x[t] = sum_k w[t,k] * row(t, k).
+
+        x: bf16 [L, R*M, H] (ignored with zero_copy: the rows were written into
+        get_next_low_latency_combine_buffer(handle)). Returns (combined_x [T, H] bf16, event, hook).
+        """
+        if use_logfmt:
+            raise ValueError("use_logfmt=True is not supported: combine sends bf16 rows over NVLink")
+        src_info, layout_range, M, hidden, num_experts = self._check_handle(handle)
+        L, R = num_experts // self.num_ranks, self.num_ranks
+        if not zero_copy:
+            check_tensor("x", x, dtype=torch.bfloat16, shape=(L, R * M, hidden), ndim=3, device=self.device)
+        self._check_topk(topk_idx, None, num_experts, M)
+        num_tokens, num_topk = topk_idx.shape
+        check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), ndim=2,
+                     device=self.device)
+        if out is not None:
+            check_tensor("out", out, dtype=torch.bfloat16, shape=(num_tokens, hidden), ndim=2, device=self.device)
+        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, R, torch.int64)
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set")
+        spec = LowLatencySpec("combine", hidden, R, num_experts, num_topk)
+        layout = self._layout(M, hidden, num_experts)
+        idx = self._next_buffer()
+        source = self._send_region(layout, idx, L, R * M, hidden) if zero_copy else x
+        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+
+        module = get_module(spec, self.device.index)
+        peer = self.peer
+        module.launch("send", min(L, self.num_sms), spec.threads, source, src_info, layout_range, np.int32(M),
+                      np.int32(self.rank), peer.ptr_table, np.int64(layout.recv(idx)),
+                      np.int64(layout.combine_flags(idx)), self.mask)
+
+        def recv_hook():
+            module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx, topk_weights,
+                          np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), np.int64(layout.recv(idx)),
+                          np.int64(layout.combine_flags(idx)), self.mask, self.timeout_ns,
+                          self.tickets[2 * idx + 1:], combine_wait_recv_cost_stats)
+
+        hook = recv_hook if return_recv_hook else None
+        if not return_recv_hook:
+            recv_hook()
+        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, src_info, layout_range, combined)) \
+            if async_finish else EventOverlap()
+        return combined, event, hook
+
+    def _check_handle(self, handle):
+        if not isinstance(handle, tuple) or len(handle) != 5:
+            raise ValueError("handle: expected the 5-tuple (src_info, layout_range, M, hidden, num_experts) "
+                             "returned by low_latency_dispatch")
+        src_info, layout_range, M, hidden, num_experts = handle
+        check_positive_int("handle M", M)
+        self._check_experts(num_experts)
+        L, R = num_experts // self.num_ranks, self.num_ranks
+        check_tensor("handle src_info", src_info, dtype=torch.int32, shape=(L, R * M), ndim=2, device=self.device)
+        check_tensor("handle layout_range", layout_range, dtype=torch.int64, shape=(L, R), ndim=2, device=self.device)
+        return src_info, layout_range, M, hidden, num_experts
+
+    def _send_region(self, layout: BufferLayout, idx: int, L: int, rows: int, hidden: int) -> torch.Tensor:
+        return self.peer.view(self.rank, layout.send(idx), (L, rows, hidden), torch.bfloat16)
+
+    def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
+        """The bf16 [L, R*M, H] send buffer the next combine reads when called with zero_copy=True."""
+        _, _, M, hidden, num_experts = self._check_handle(handle)
+        layout = self._layout(M, hidden, num_experts)
+        return self._send_region(layout, self.buffer_idx, num_experts // self.num_ranks, self.num_ranks * M, hidden)
+
+    # -- maintenance ---------------------------------------------------------------------------------
+    def _barrier(self, hidden: int, num_experts: int) -> None:
+        spec = LowLatencySpec("combine", hidden, self.num_ranks, num_experts, 1)
+        get_module(spec, self.device.index).launch(
+            "barrier", 1, 64, self.peer.ptr_table, np.int64(0), np.int32(self.rank), self.barrier_epoch, self.mask,
+            self.timeout_ns)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Zero every flag of both buffers between two device barriers (collective; no host sync).
+
+        Needed after a rank was masked (its late writes may have left flags behind) or after the
+        buffer memory was used for something else."""
+        check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        self._check_experts(num_experts)
+        layout = self._layout(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._barrier(hidden, num_experts)
+        for idx in (0, 1):
+            self.peer.view(self.rank, layout.dispatch_flags(idx), (2 * layout.flags_bytes // 4,), torch.int32).zero_()
+        self.tickets.zero_()
+        self._barrier(hidden, num_experts)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask a rank: a masked rank is neither sent to nor waited for."""
+        if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.num_ranks:
+            raise ValueError(f"rank_to_mask={rank_to_mask!r}: expected an int in [0, {self.num_ranks})")
+        self.mask[rank_to_mask].fill_(1 if mask else 0)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask into mask_status ([R] int32; 1 = masked, by the user or after a timeout)."""
+        check_tensor("mask_status", mask_status, dtype=torch.int32, shape=(self.num_ranks,), ndim=1)
+        check_cuda("mask_status", mask_status)
+        mask_status.copy_(self.mask)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank."""
+        self.mask.zero_()
+
+    def destroy(self) -> None:
+        self.peer.close()
+

@@ -1,0 +1,198 @@
+"""Low-latency kernels without a GPU: templates compile for R = 2, 4, 8, sizing, input validation."""
+import pytest
+import torch
+
+from epkern.codegen import build
+from epkern.deployment import Deployment
+from epkern.low_latency import (LowLatencyBuffer, deployment_specs, get_low_latency_rdma_size_hint,
+                                max_dispatch_tokens_for_bytes)
+from epkern.low_latency_kernels import KINDS, BufferLayout, LowLatencySpec, dispatch_kind
+
+ENTRIES = {"bf16": ("send", "recv"), "fp8": ("send", "recv"), "fp8_round": ("send", "recv"),
+           "fp8_ue8m0": ("send", "recv"), "combine": ("send", "recv", "barrier")}
+
+
+def _compiles(spec: LowLatencySpec) -> None:
+    cubin = build(spec, "sm_90a").cubin
+    for entry in ENTRIES[spec.kind]:
+        assert f"{spec.symbol}_{entry}".encode() in cubin, f"{spec.name}: no entry point {entry}"
+
+
+# -- templates ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+@pytest.mark.parametrize("kind", KINDS)
+def test_deepseek_shapes_compile(kind, num_ranks):
+    _compiles(LowLatencySpec(kind, 7168, num_ranks, 256, 8))
+
+
+@pytest.mark.parametrize("kind,hidden,num_ranks,num_experts,num_topk", [
+    ("fp8_ue8m0", 128, 2, 2, 1),       # one scale group: a UE8M0 word padded with zero bytes
+    ("fp8", 2944, 4, 128, 32),         # gpt-oss-like hidden (23 groups: odd 256-channel chunk), top-32
+    ("fp8_round", 4096, 8, 64, 6),
+    ("bf16", 384, 8, 288, 9),          # 36 experts per rank, top-9
+    ("combine", 2944, 4, 128, 32),
+    ("combine", 128, 2, 2, 1),
+])
+def test_other_shapes_compile(kind, hidden, num_ranks, num_experts, num_topk):
+    _compiles(LowLatencySpec(kind, hidden, num_ranks, num_experts, num_topk))
+
+
+def test_rendered_source_is_specialized():
+    src = LowLatencySpec("fp8_ue8m0", 7168, 8, 256, 8).render()
+    assert "constexpr int HIDDEN = 7168;" in src and "constexpr int NUM_RANKS = 8;" in src
+    assert "epk_fp8_ue8m0" in src and "constexpr bool ROUND_SCALE = true;" in src
+    bf16 = LowLatencySpec("bf16", 7168, 8, 256, 8).render()
+    assert "epk_fp8_cast_group" not in bf16
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="fp16"), "kind"),
+    (dict(hidden=7000), "hidden"),
+    (dict(num_topk=33), "num_topk"),
+    (dict(num_topk=0), "num_topk"),
+    (dict(num_experts=250), "num_experts"),
+    (dict(num_ranks=65), "num_ranks"),
+])
+def test_spec_rejects_bad_fields(kwargs, match):
+    fields = dict(kind="fp8", hidden=7168, num_ranks=8, num_experts=256, num_topk=8) | kwargs
+    with pytest.raises(ValueError, match=match):
+        LowLatencySpec(**fields)
+
+
+def test_names_are_readable_and_distinct():
+    names = {LowLatencySpec(k, 7168, 8, 256, 8).name for k in KINDS}
+    assert len(names) == len(KINDS)
+    assert LowLatencySpec("fp8", 7168, 8, 256, 8).symbol == "low_latency_fp8_h7168_r8_e256_k8"
+
+
+def test_dispatch_kind():
+    assert dispatch_kind(False, False, False) == "bf16"
+    assert dispatch_kind(True, False, False) == "fp8"
+    assert dispatch_kind(True, True, False) == "fp8_round"
+    assert dispatch_kind(True, True, True) == "fp8_ue8m0"
+    with pytest.raises(ValueError, match="round_scale"):
+        dispatch_kind(True, False, True)
+    with pytest.raises(ValueError, match="use_fp8"):
+        dispatch_kind(False, True, False)
+
+
+def test_deployment_specs_cover_every_ep_size_and_kind():
+    specs = deployment_specs(Deployment())
+    assert {(s.num_ranks, s.kind) for s in specs} == {(r, k) for r in (2, 4, 8) for k in KINDS}
+    assert all(s.hidden == 7168 and s.num_experts == 256 and s.num_topk == 8 for s in specs)
+
+
+# -- sizing ------------------------------------------------------------------------------------------
+def test_size_hint_formula():
+    M, H, E = 128, 7168, 256
+    hint = get_low_latency_rdma_size_hint(M, H, 2, E)
+    # barrier + 2 x (two flag arrays + staging slots + zero-copy send rows)
+    assert hint == 256 + 2 * (2 * 1024 + E * M * (16 + 2 * H) + E * M * 2 * H)
+    assert get_low_latency_rdma_size_hint(M, H, 8, E) == hint  # ranks only change the split
+
+
+@pytest.mark.parametrize("hidden,num_ranks,num_experts", [(7168, 2, 256), (2944, 4, 128), (128, 2, 2), (4096, 8, 288)])
+def test_inverse_is_the_largest_m_that_fits(hidden, num_ranks, num_experts):
+    for budget in (0, 10**6, 10**8, 3 * 10**9, get_low_latency_rdma_size_hint(77, hidden, num_ranks, num_experts)):
+        m = max_dispatch_tokens_for_bytes(budget, hidden, num_ranks, num_experts)
+        if m > 0:
+            assert get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts) <= budget
+        assert get_low_latency_rdma_size_hint(m + 1, hidden, num_ranks, num_experts) > budget
+    exact = get_low_latency_rdma_size_hint(77, hidden, num_ranks, num_experts)
+    assert max_dispatch_tokens_for_bytes(exact, hidden, num_ranks, num_experts) == 77
+    assert max_dispatch_tokens_for_bytes(exact - 1, hidden, num_ranks, num_experts) == 76
+
+
+def test_layout_regions_do_not_overlap():
+    lay = BufferLayout(33, 2944, 72)
+    spans = []
+    for idx in (0, 1):
+        spans += [(lay.dispatch_flags(idx), lay.flags_bytes), (lay.combine_flags(idx), lay.flags_bytes),
+                  (lay.recv(idx), lay.recv_bytes), (lay.send(idx), lay.send_bytes)]
+    spans.sort()
+    assert spans[0][0] >= 256
+    for (a, n), (b, _) in zip(spans, spans[1:]):
+        assert a + n <= b and b % 16 == 0
+    assert spans[-1][0] + spans[-1][1] <= lay.total_bytes
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0, 7168, 2, 256), "num_max_dispatch_tokens_per_rank"),
+    ((128, 7100, 2, 256), "hidden"),
+    ((128, 7168, 3, 256), "num_experts"),
+])
+def test_size_hint_rejects_bad_shapes(args, match):
+    with pytest.raises(ValueError, match=match):
+        get_low_latency_rdma_size_hint(*args)
+
+
+# -- input validation (raised before any launch; the buffer here has no peer memory) --------------------
+@pytest.fixture
+def cpu_buffer():
+    buf = LowLatencyBuffer.__new__(LowLatencyBuffer)
+    buf.rank, buf.num_ranks, buf.num_sms, buf.buffer_idx = 0, 2, 32, 0
+    buf.device = torch.device("cpu")
+    buf.num_bytes = get_low_latency_rdma_size_hint(16, 256, 2, 8)
+    buf.mask = torch.zeros(2, dtype=torch.int32)
+    return buf
+
+
+def _inputs(tokens=4, hidden=256, topk=2, experts=8):
+    x = torch.zeros(tokens, hidden, dtype=torch.bfloat16)
+    idx = torch.arange(tokens * topk, dtype=torch.int64).view(tokens, topk) % experts
+    return x, idx
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda x, i: (x.float(), i), "x: dtype"),
+    (lambda x, i: (x, i.int()), "topk_idx: dtype"),
+    (lambda x, i: (x[:, :200].contiguous(), i), "multiple of 128"),
+    (lambda x, i: (x, i[:3]), "one per token"),
+    (lambda x, i: (x, i + 8), "out of range"),
+    (lambda x, i: (x, i - 2), "out of range"),
+    (lambda x, i: (torch.zeros(17, 256, dtype=torch.bfloat16), torch.zeros(17, 2, dtype=torch.int64)), "exceed"),
+])
+def test_dispatch_rejects_bad_inputs(cpu_buffer, change, match):
+    x, idx = change(*_inputs())
+    with pytest.raises((TypeError, ValueError), match=match):
+        cpu_buffer.low_latency_dispatch(x, idx, 16, 8)
+
+
+def test_dispatch_rejects_bad_options(cpu_buffer):
+    x, idx = _inputs()
+    with pytest.raises(ValueError, match="round_scale"):
+        cpu_buffer.low_latency_dispatch(x, idx, 16, 8, use_ue8m0=True)
+    with pytest.raises(ValueError, match="return_recv_hook"):
+        cpu_buffer.low_latency_dispatch(x, idx, 16, 8, async_finish=True, return_recv_hook=True)
+    with pytest.raises(ValueError, match="divisible"):
+        cpu_buffer.low_latency_dispatch(x, idx, 16, 7)
+    with pytest.raises(ValueError, match="too small"):
+        cpu_buffer.low_latency_dispatch(x, idx, 17, 8)
+    with pytest.raises(ValueError, match="cumulative_local_expert_recv_stats"):
+        cpu_buffer.low_latency_dispatch(x, idx, 16, 8, cumulative_local_expert_recv_stats=torch.zeros(3, dtype=torch.int32))
+
+
+def test_combine_rejects_bad_inputs(cpu_buffer):
+    _, idx = _inputs()
+    handle = (torch.zeros(4, 32, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int64), 16, 256, 8)
+    x = torch.zeros(4, 32, 256, dtype=torch.bfloat16)
+    w = torch.ones(4, 2)
+    with pytest.raises(ValueError, match="handle"):
+        cpu_buffer.low_latency_combine(x, idx, w, handle[:4])
+    with pytest.raises(ValueError, match="x: dimension 1"):
+        cpu_buffer.low_latency_combine(x[:, :16].contiguous(), idx, w, handle)
+    with pytest.raises(TypeError, match="topk_weights"):
+        cpu_buffer.low_latency_combine(x, idx, w.double(), handle)
+    with pytest.raises(ValueError, match="out"):
+        cpu_buffer.low_latency_combine(x, idx, w, handle, out=torch.zeros(3, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="logfmt"):
+        cpu_buffer.low_latency_combine(x, idx, w, handle, use_logfmt=True)
+
+
+def test_mask_arguments_are_checked(cpu_buffer):
+    with pytest.raises(ValueError, match="rank_to_mask"):
+        cpu_buffer.low_latency_update_mask_buffer(2, True)
+    cpu_buffer.low_latency_update_mask_buffer(1, True)
+    assert cpu_buffer.mask.tolist() == [0, 1]
+    cpu_buffer.low_latency_clean_mask_buffer()
+    assert cpu_buffer.mask.tolist() == [0, 0]
