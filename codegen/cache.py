@@ -15,6 +15,7 @@ truncated entry fails its checksum and is removed and rebuilt, never loaded.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,9 @@ SCHEMA_VERSION = 1
 _log = logging.getLogger("epkern.codegen")
 
 
+@functools.lru_cache(maxsize=1)
 def epkern_version() -> str:
+    """The installed version (part of every key); read once: importlib.metadata scans sys.path."""
     try:
         from importlib.metadata import version
 
