@@ -1,0 +1,87 @@
+"""GPU interior-point solve of the balancing LP: one warp per group of ranks (templates/lplb_ipm.cu.j2)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from epkern.codegen import KernelSpec, check_int, get_module
+
+from .ipm_numba import MAX_ITERATIONS, STEP_FACTOR, TOLERANCE
+from .topologies import MAX_DUPS, MAX_GROUP_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class IpmSpec(KernelSpec):
+    """One LP shape: group size G (ranks per group), D redundant slots per rank, and `combined`
+    experts bundled per slot. Token counts and the number of groups are run-time arguments."""
+
+    family = "lplb_ipm"
+    template = "lplb_ipm.cu.j2"
+
+    group_size: int
+    dups: int
+    combined: int = 1
+    max_iterations: int = MAX_ITERATIONS
+    tolerance: float = TOLERANCE
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "group_size", self.group_size, 2, MAX_GROUP_SIZE)
+        check_int(n, "dups", self.dups, 1, MAX_DUPS)
+        check_int(n, "combined", self.combined, 1, 64)
+        check_int(n, "max_iterations", self.max_iterations, 1, 1000)
+        if not isinstance(self.tolerance, float) or not 1e-12 <= self.tolerance <= 1e-2:
+            raise ValueError(f"{n}.tolerance={self.tolerance!r}: expected a float in [1e-12, 1e-2]")
+
+    def template_vars(self):
+        return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
+                    max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
+                    step_factor=repr(STEP_FACTOR))
+
+    def name_fields(self) -> str:
+        return f"g{self.group_size}_d{self.dups}_c{self.combined}"
+
+
+@dataclasses.dataclass
+class IpmResult:
+    probs: torch.Tensor            # [n_group, G, D] float32
+    global_workload: torch.Tensor  # [n_group, G, n_local_logical] float32, workload / max
+    status: torch.Tensor           # [n_group] int32: 0 optimal, 1 iteration limit, 2 numerical failure
+    iterations: torch.Tensor       # [n_group] int32
+    objective: torch.Tensor        # [n_group] float32: the busiest rank's planned load (tokens)
+
+
+def solve_cuda(spec: IpmSpec, workload: torch.Tensor, phy2log: torch.Tensor, r2o: torch.Tensor, o2r: torch.Tensor,
+               prev_probs: torch.Tensor, avail_counter: torch.Tensor, n_group: int, n_fixed: int) -> IpmResult:
+    """Launch the solve (arguments already validated by the Planner; all on one CUDA device).
+
+    workload int32 [n_logical]; phy2log int32; r2o/o2r int32 [G, D]; prev_probs float32
+    [n_group, G, D] (read for failed groups, overwritten for solved ones); avail_counter int32 [1]."""
+    device = workload.device
+    G, D = spec.group_size, spec.dups
+    n_logical = workload.numel()
+    probs = torch.empty(n_group, G, D, dtype=torch.float32, device=device)
+    global_workload = torch.empty(n_group, G, n_logical // (n_group * G), dtype=torch.float32, device=device)
+    stats = torch.empty(n_group, 2, dtype=torch.int32, device=device)
+    objective = torch.empty(n_group, dtype=torch.float32, device=device)
+    module = get_module(spec, device.index)
+    module.launch("", n_group, 32, workload, np.int32(n_logical), phy2log, np.int32(n_fixed), r2o, o2r,
+                  prev_probs, probs, global_workload, avail_counter, stats, objective,
+                  stream=torch.cuda.current_stream(device))
+    return IpmResult(probs, global_workload, stats[:, 0], stats[:, 1], objective)
+
+
+def deployment_specs(deployment) -> list[IpmSpec]:
+    """The LPLB topologies a deployment would use: a cube of 8 (2 slots) for EP divisible by 8,
+    a 16-rank hypercube for EP divisible by 16, a ring for EP 2..7; one bundled expert per slot."""
+    specs = []
+    for ep in deployment.ep_sizes:
+        if ep % 8 == 0:
+            specs.append(IpmSpec(group_size=8, dups=2))
+        if ep % 16 == 0:
+            specs.append(IpmSpec(group_size=16, dups=2))
+        if 2 <= ep < 8:
+            specs.append(IpmSpec(group_size=ep, dups=1))
+    return list(dict.fromkeys(specs))

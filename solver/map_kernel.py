@@ -1,0 +1,139 @@
+"""Counting logical ids per SM chunk and mapping them to physical ids (templates/lplb_map.cu.j2).
+
+CPU tensors run the torch definitions below, which are also the oracles for the kernels:
+`count_reference` cuts idx into the kernels' chunks; `map_reference` sends the k-th occurrence
+(flat order, from 0) of a replicated expert with kept share p to the original iff
+floor((k + 1) p) > floor(k p), else to the replica.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from epkern.codegen import KernelSpec, check_int, get_module
+
+ALIGN = 256           # chunk starts are multiples of this many ids
+SMEM_BUDGET = 64 << 10  # bytes of per-warp rank counters the map kernel may use
+MAX_EXPERTS = SMEM_BUDGET // 4
+
+
+def map_threads(num_experts: int) -> int:
+    """The most warps (up to 8) whose [warps, E] int32 counters fit the shared-memory budget."""
+    for threads in (256, 128, 64, 32):
+        if threads // 32 * num_experts * 4 <= SMEM_BUDGET:
+            return threads
+    raise ValueError(f"num_logical_experts={num_experts}: at most {MAX_EXPERTS} are supported")
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSpec(KernelSpec):
+    family = "lplb_map"
+    template = "lplb_map.cu.j2"
+
+    num_experts: int       # logical experts E
+    threads: int = 256
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "num_experts", self.num_experts, 1, MAX_EXPERTS)
+        check_int(n, "threads", self.threads, 32, 1024, multiple_of=32)
+        if self.threads // 32 * self.num_experts * 4 > SMEM_BUDGET:
+            raise ValueError(f"{n}: threads={self.threads} with num_experts={self.num_experts} needs "
+                             f"{self.threads // 32 * self.num_experts * 4} bytes of shared memory, over "
+                             f"{SMEM_BUDGET}; use threads={map_threads(self.num_experts)}")
+
+    def template_vars(self):
+        return dict(num_experts=self.num_experts, threads=self.threads, align=ALIGN)
+
+    def name_fields(self) -> str:
+        return f"e{self.num_experts}_t{self.threads}"
+
+    @classmethod
+    def for_experts(cls, num_experts: int) -> "MapSpec":
+        return cls(num_experts=num_experts, threads=map_threads(num_experts))
+
+
+def chunk_bounds(n: int, n_sms: int) -> list[int]:
+    """Chunk boundaries [b_0 = 0, ..., b_{n_sms} = n] shared with the kernels."""
+    per = -(-n // n_sms)
+    per = -(-per // ALIGN) * ALIGN
+    return [min(n, per * b) for b in range(n_sms + 1)]
+
+
+# ---- torch definitions (the CPU path and the kernels' oracles) ------------------------------
+def count_reference(idx: torch.Tensor, num_experts: int, n_sms: int) -> torch.Tensor:
+    """by_sm [n_sms, E] int32: inclusive prefix over chunks of the per-chunk counts."""
+    flat = idx.reshape(-1)
+    bounds = torch.tensor(chunk_bounds(flat.numel(), n_sms)[1:], device=flat.device)
+    chunk = torch.bucketize(torch.arange(flat.numel(), device=flat.device), bounds, right=True)
+    valid = flat >= 0
+    key = chunk[valid] * num_experts + flat[valid]
+    counts = torch.bincount(key, minlength=n_sms * num_experts).reshape(n_sms, num_experts)
+    return counts.cumsum(0).to(torch.int32)
+
+
+def occurrence_rank(flat: torch.Tensor) -> torch.Tensor:
+    """k for every position: how many earlier positions hold the same value."""
+    order = torch.sort(flat, stable=True).indices
+    sorted_vals = flat[order]
+    n = flat.numel()
+    pos = torch.arange(n, device=flat.device)
+    starts = torch.ones(n, dtype=torch.bool, device=flat.device)
+    starts[1:] = sorted_vals[1:] != sorted_vals[:-1]
+    group_start = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 0).values
+    rank = torch.empty_like(pos)
+    rank[order] = pos - group_start
+    return rank
+
+
+def map_reference(idx: torch.Tensor, probs: torch.Tensor, log2var: torch.Tensor, log2phy: torch.Tensor) -> torch.Tensor:
+    flat = idx.reshape(-1)
+    valid = flat >= 0
+    e = flat.clamp_min(0)
+    k = occurrence_rank(flat).to(torch.float64)
+    var = log2var.long()[e]
+    p = probs.reshape(-1).to(torch.float64)[var.clamp_min(0)].nan_to_num(0.0).clamp(0, 1)
+    keep = (var < 0) | (torch.floor((k + 1) * p) > torch.floor(k * p))
+    mapped = torch.where(keep, log2phy[e, 0], log2phy[e, 1]).long()
+    return torch.where(valid, mapped, torch.full_like(mapped, -1)).reshape(idx.shape)
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+_tickets: dict = {}
+
+
+def _ticket(device: torch.device, stream_handle: int) -> torch.Tensor:
+    key = (device.index, stream_handle)
+    t = _tickets.get(key)
+    if t is None:
+        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
+def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int) -> torch.Tensor:
+    spec = MapSpec.for_experts(num_experts)
+    device = idx.device
+    stream = torch.cuda.current_stream(device)
+    by_sm = torch.empty(n_sms, num_experts, dtype=torch.int32, device=device)
+    get_module(spec, device.index).launch("count", n_sms, spec.threads, idx, np.int64(idx.numel()), by_sm,
+                                          _ticket(device, stream.cuda_stream), smem=4 * num_experts,
+                                          stream=stream)
+    return by_sm
+
+
+def map_cuda(idx: torch.Tensor, probs: torch.Tensor, log2var: torch.Tensor, log2phy: torch.Tensor,
+             by_sm: torch.Tensor, n_sms: int) -> torch.Tensor:
+    num_experts = log2var.numel()
+    spec = MapSpec.for_experts(num_experts)
+    device = idx.device
+    out = torch.empty_like(idx)
+    get_module(spec, device.index).launch("map", n_sms, spec.threads, idx, np.int64(idx.numel()), probs, log2var,
+                                          log2phy, by_sm, out, smem=spec.threads // 32 * num_experts * 4,
+                                          stream=torch.cuda.current_stream(device))
+    return out
+
+
+def deployment_specs(deployment) -> list[MapSpec]:
+    return [MapSpec.for_experts(deployment.num_experts)]

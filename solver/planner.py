@@ -1,0 +1,255 @@
+"""Planner: LPLB's per-batch load balancer, API-compatible with `lplb.Planner`.
+
+Per batch: count tokens per logical expert (per-SM partial counts), all-reduce them over the
+EP group, solve one LP per group of ranks, and rewrite every token's logical expert id into
+the physical id of the original or of its replica in the solved proportion. CUDA tensors run
+the JIT kernels (lplb_map, lplb_ipm); CPU tensors run torch and the numba solver.
+
+Layout (LPLB's): rank r holds n_local = n_routed_experts / ep_size physical slots: first
+`combined * dups` replicated originals (slot j*dups + d belongs to bundle d), then the fixed
+experts, then `combined * dups` redundant copies (slot j*dups + d copies slot j*dups + d of
+rank r2o[g, d] of the same group). Ranks form groups of r2o.shape[0] consecutive ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from epkern.validate import check_positive_int, check_range, check_tensor
+
+from . import eplb, ipm_kernel, ipm_numba, lp, map_kernel
+from .topologies import original_to_redundant, validate_r2o
+
+
+class Planner:
+    def __init__(self, redundant_to_original: torch.Tensor, n_routed_experts: int, n_logical_routed_experts: int,
+                 ep_size: int | None = None, group=None, *, device: torch.device | str | None = None) -> None:
+        """
+        Args:
+            redundant_to_original: [group_size, dups] topology (see epkern.solver.topologies).
+            n_routed_experts: physical routed experts in total, redundant copies included.
+            n_logical_routed_experts: logical routed experts.
+            ep_size: EP ranks; defaults to the size of `group` (one of the two is required).
+            group: torch.distributed process group over which workloads are all-reduced; None: no reduction.
+            device: where the planner's tables live and its kernels run; defaults to the topology's device.
+        """
+        r2o = validate_r2o(redundant_to_original)
+        if ep_size is None:
+            if group is None:
+                raise ValueError("ep_size must be given when group is None")
+            import torch.distributed as dist
+
+            ep_size = dist.get_world_size(group)
+        check_positive_int("ep_size", ep_size)
+        check_positive_int("n_routed_experts", n_routed_experts)
+        check_positive_int("n_logical_routed_experts", n_logical_routed_experts)
+        group_size, dups = r2o.shape
+        if ep_size % group_size:
+            raise ValueError(f"ep_size={ep_size} must be a multiple of the topology's group size {group_size}")
+        for name, n in (("n_routed_experts", n_routed_experts), ("n_logical_routed_experts", n_logical_routed_experts)):
+            if n % ep_size:
+                raise ValueError(f"{name}={n} must be a multiple of ep_size={ep_size}")
+        n_local, n_local_logical = n_routed_experts // ep_size, n_logical_routed_experts // ep_size
+        extra = n_local - n_local_logical
+        if extra <= 0 or extra % dups:
+            raise ValueError(f"each rank needs a positive multiple of dups={dups} redundant slots; got "
+                             f"{n_local} physical - {n_local_logical} logical = {extra} per rank")
+        if extra > n_local_logical:
+            raise ValueError(f"{extra} redundant slots per rank exceed the {n_local_logical} logical experts per rank")
+
+        self.device = torch.device(device) if device is not None else redundant_to_original.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.r2o = r2o.to(self.device)
+        self.o2r = original_to_redundant(r2o).to(self.device)
+        self.group_size, self.num_redundants = group_size, dups
+        self.n_routed_experts = n_routed_experts
+        self.n_logical_routed_experts = n_logical_routed_experts
+        self.ep_size = ep_size
+        self.n_group = ep_size // group_size
+        self.n_local_routed_experts = n_local
+        self.n_local_logical_routed_experts = n_local_logical
+        self.combined_redundant_experts = extra // dups
+        self.ep_group = group
+        self._prev_probs = torch.full((self.n_group, group_size, dups), 0.5, dtype=torch.float32, device=self.device)
+        self.last_status = self.last_iterations = self.last_objective = None
+        self.phy2log: torch.Tensor
+        self.update_redundancy_mapping()
+
+    # -- placement -------------------------------------------------------------------------------
+    def update_redundancy_mapping(self, workload: torch.Tensor | None = None, *, gpus_per_node: int | None = None):
+        """Place experts (EPLB without redundancy, then each rank's experts sorted by historical
+        load so the heaviest become the replicated originals) and the copies per the topology.
+
+        Args:
+            workload: [n_logical] historical loads, or None for the identity placement.
+            gpus_per_node: for EPLB's node level; default: the visible CUDA devices (LPLB's choice), else 8.
+        Returns:
+            phy2log [n_routed] int32, log2phy [n_logical, 2] int32 (original first), logcnt [n_logical] int32.
+        """
+        n_log, G, D, C = self.n_logical_routed_experts, self.group_size, self.num_redundants, self.combined_redundant_experts
+        if workload is None:
+            placed = torch.arange(n_log, device=self.device)
+        else:
+            check_tensor("workload", workload, dtype=(torch.int32, torch.int64, torch.float32, torch.float64),
+                         contiguous=False)
+            if workload.numel() != n_log:
+                raise ValueError(f"workload: expected {n_log} entries (one per logical expert), got {workload.numel()}")
+            if gpus_per_node is None:
+                gpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 8
+            check_positive_int("gpus_per_node", gpus_per_node)
+            history = workload.reshape(1, -1).to(self.device)
+            placed = eplb.rebalance_experts(history, n_log, self.n_group, max(1, self.ep_size // gpus_per_node),
+                                            self.ep_size)[0][0]
+        placed = placed.reshape(self.n_group, G, self.n_local_logical_routed_experts)
+        if workload is not None:  # heaviest first on every rank
+            order = torch.sort(history[0][placed].double(), dim=-1, descending=True, stable=True).indices
+            placed = placed.gather(-1, order)
+        originals = placed[..., : C * D].reshape(self.n_group, G, C, D)
+        copies = originals.gather(1, self.r2o.long().view(1, G, 1, D).expand_as(originals))
+        self.phy2log = torch.cat([placed, copies.flatten(2)], dim=-1).flatten().to(torch.int32)
+        self._build_tables(placed, originals)
+        logcnt = (self._log2phy[:, 1] >= 0).to(torch.int32) + 1
+        return self.phy2log, self._log2phy, logcnt
+
+    def _build_tables(self, placed: torch.Tensor, originals: torch.Tensor) -> None:
+        """log2phy [E, 2] (original, replica or -1) and log2var [E] (index into probs or -1)."""
+        G, D, C = self.group_size, self.num_redundants, self.combined_redundant_experts
+        n_local, n_local_logical = self.n_local_routed_experts, self.n_local_logical_routed_experts
+        dev = self.device
+        rank = (torch.arange(self.n_group, device=dev).view(-1, 1, 1) * G
+                + torch.arange(G, device=dev).view(1, -1, 1)).expand_as(placed)
+        log2phy = torch.full((self.n_logical_routed_experts, 2), -1, dtype=torch.int64, device=dev)
+        log2phy[placed.flatten(), 0] = (rank * n_local + torch.arange(n_local_logical, device=dev)).flatten()
+        # bundle (grp, g, j, d): its copy sits on rank grp*G + o2r[g, d], slot n_local_logical + j*D + d
+        grp = torch.arange(self.n_group, device=dev).view(-1, 1, 1, 1)
+        g = torch.arange(G, device=dev).view(1, -1, 1, 1)
+        j = torch.arange(C, device=dev).view(1, 1, -1, 1)
+        d = torch.arange(D, device=dev).view(1, 1, 1, -1)
+        copy_rank = grp * G + self.o2r.long().view(1, G, 1, D)
+        log2phy[originals.flatten(), 1] = (copy_rank * n_local + n_local_logical + j * D + d).expand_as(originals).flatten()
+        log2var = torch.full((self.n_logical_routed_experts,), -1, dtype=torch.int64, device=dev)
+        log2var[originals.flatten()] = ((grp * G + g) * D + d).expand_as(originals).flatten()
+        self._log2phy = log2phy.to(torch.int32).contiguous()
+        self._log2var = log2var.to(torch.int32).contiguous()
+
+    # -- per batch ---------------------------------------------------------------------------------
+    def _check_idx(self, idx: torch.Tensor) -> None:
+        check_tensor("idx", idx, dtype=torch.int64)
+        self._check_device("idx", idx)
+        check_range("idx", idx, -1, self.n_logical_routed_experts)
+
+    def _check_device(self, name: str, t: torch.Tensor) -> None:
+        if t.device != self.device:
+            raise ValueError(f"{name}: on {t.device}, but this planner runs on {self.device} "
+                             "(pass device= to Planner to choose)")
+
+    def count_workload(self, idx: torch.Tensor, n_sms: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count logical ids (-1 ignored) per SM chunk of idx (flattened).
+
+        Returns (counts [n_logical] int32, by_sm [n_sms, n_logical] int32), by_sm being the inclusive
+        prefix over the chunks (so counts is its last row), as weighted_select_target expects."""
+        self._check_idx(idx)
+        check_positive_int("n_sms", n_sms)
+        if idx.is_cuda:
+            by_sm = map_kernel.count_cuda(idx, self.n_logical_routed_experts, n_sms)
+        else:
+            by_sm = map_kernel.count_reference(idx, self.n_logical_routed_experts, n_sms)
+        return by_sm[-1], by_sm
+
+    def solve_probs(self, workload: torch.Tensor, avail_counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve every group's LP from per-logical-expert token counts.
+
+        Args:
+            workload: int32 (or int64) tensor with n_logical entries; all-reduced over `group` if one was given.
+            avail_counter: int32 tensor with one element; incremented by the number of groups solved to
+                optimality. A group that fails keeps its previous plan (0.5 at first).
+        Returns:
+            probs [n_group, group_size, dups] float32: the share of bundle (g, d) kept on rank g; rank
+                h runs 1 - probs[r2o[h, d], d] of bundle d of rank r2o[h, d].
+            global_workload [n_group, group_size, n_local_logical] float32: the workload / its max.
+        Per-group details stay in last_status (0 optimal, 1 iteration limit, 2 numerical failure),
+        last_iterations and last_objective (the busiest rank's planned load, tokens).
+        """
+        check_tensor("workload", workload, dtype=(torch.int32, torch.int64), contiguous=False)
+        if workload.numel() != self.n_logical_routed_experts:
+            raise ValueError(f"workload: expected {self.n_logical_routed_experts} entries, got {workload.numel()}")
+        check_tensor("avail_counter", avail_counter, dtype=torch.int32)
+        if avail_counter.numel() != 1:
+            raise ValueError(f"avail_counter: expected one element, got shape {tuple(avail_counter.shape)}")
+        self._check_device("workload", workload)
+        self._check_device("avail_counter", avail_counter)
+        workload = workload.reshape(-1).to(torch.int32).contiguous()
+        if self.ep_group is not None:
+            import torch.distributed as dist
+
+            workload = workload.clone()
+            dist.all_reduce(workload, group=self.ep_group)
+        if workload.is_cuda:
+            return self._solve_cuda(workload, avail_counter)
+        return self._solve_cpu(workload, avail_counter)
+
+    def _spec(self) -> ipm_kernel.IpmSpec:
+        return ipm_kernel.IpmSpec(self.group_size, self.num_redundants, self.combined_redundant_experts)
+
+    def _solve_cuda(self, workload, avail_counter):
+        n_fixed = self.n_local_logical_routed_experts - self.combined_redundant_experts * self.num_redundants
+        res = ipm_kernel.solve_cuda(self._spec(), workload, self.phy2log, self.r2o, self.o2r, self._prev_probs,
+                                    avail_counter, self.n_group, n_fixed)
+        self.last_status, self.last_iterations, self.last_objective = res.status, res.iterations, res.objective
+        return res.probs, res.global_workload
+
+    def _solve_cpu(self, workload, avail_counter):
+        w, f = lp.bundle_loads(workload, self.phy2log, self.n_group, self.group_size, self.num_redundants,
+                               self.combined_redundant_experts)
+        probs, status, iters, objective = ipm_numba.solve_groups(
+            w.numpy(), f.numpy(), self.r2o.numpy(), self.o2r.numpy(), self._prev_probs.double().numpy(),
+            ipm_numba.MAX_ITERATIONS, ipm_numba.TOLERANCE)
+        probs = torch.from_numpy(probs).to(torch.float32)
+        ok = torch.from_numpy(status == ipm_numba.STATUS_OPTIMAL)
+        self._prev_probs[ok] = probs[ok]
+        avail_counter += int(ok.sum())
+        self.last_status = torch.from_numpy(status)
+        self.last_iterations = torch.from_numpy(iters)
+        self.last_objective = torch.from_numpy(objective).to(torch.float32)
+        wmax = int(workload.max()) if workload.numel() else 0
+        global_workload = workload.to(torch.float32) / wmax if wmax > 0 else torch.zeros(workload.shape)
+        return probs, global_workload.reshape(self.n_group, self.group_size, -1)
+
+    def weighted_select_target(self, idx: torch.Tensor, o_weight: torch.Tensor, local_workload_by_sm: torch.Tensor,
+                               n_sms: int) -> torch.Tensor:
+        """Rewrite logical ids into physical ids: each replicated expert's occurrences go to its original
+        with share o_weight (probs of solve_probs) and to its replica otherwise, every SM chunk within one
+        token per expert; fixed experts go to their only copy; -1 stays -1. Deterministic.
+
+        local_workload_by_sm: the by_sm of count_workload(idx, n_sms). Returns int64, idx's shape."""
+        self._check_idx(idx)
+        check_positive_int("n_sms", n_sms)
+        shape = (self.n_group, self.group_size, self.num_redundants)
+        check_tensor("o_weight", o_weight, dtype=torch.float32, ndim=3, shape=shape)
+        check_tensor("local_workload_by_sm", local_workload_by_sm, dtype=torch.int32, ndim=2,
+                     shape=(n_sms, self.n_logical_routed_experts))
+        for name, t in (("o_weight", o_weight), ("local_workload_by_sm", local_workload_by_sm)):
+            self._check_device(name, t)
+        if idx.is_cuda:
+            return map_kernel.map_cuda(idx, o_weight, self._log2var, self._log2phy, local_workload_by_sm, n_sms)
+        return map_kernel.map_reference(idx, o_weight, self._log2var, self._log2phy)
+
+    def run(self, idx: torch.Tensor, avail_counter: torch.Tensor, n_sms: int | None = None) -> torch.Tensor:
+        """count_workload -> solve_probs -> weighted_select_target. n_sms defaults to the GPU's SM count (1 on CPU)."""
+        if n_sms is None:
+            n_sms = (torch.cuda.get_device_properties(idx.device).multi_processor_count if idx.is_cuda else 1)
+        local_workload, by_sm = self.count_workload(idx, n_sms)
+        probs, _ = self.solve_probs(local_workload, avail_counter)
+        return self.weighted_select_target(idx, probs, by_sm, n_sms)
+
+    # -- diagnostics ---------------------------------------------------------------------------------
+    def rank_loads(self, workload: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens per rank [ep_size] (float64) for per-logical-expert counts, split by probs
+        (None: nothing moved to the copies, i.e. the load before balancing)."""
+        workload = workload.reshape(-1).to(self.device)
+        w, f = lp.bundle_loads(workload, self.phy2log, self.n_group, self.group_size, self.num_redundants,
+                               self.combined_redundant_experts)
+        if probs is None:
+            probs = torch.ones_like(w)
+        return lp.rank_loads(w, f, probs.to(w.device), self.r2o).reshape(-1)
