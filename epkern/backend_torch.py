@@ -1,0 +1,152 @@
+"""Portable normal-mode backend: dispatch and combine over torch.distributed.all_to_all_single.
+
+Runs wherever the process group runs (gloo on CPU for CI, NCCL on GPUs as the benchmark's
+baseline). Semantics are the NVLink backend's: received rows ordered by source rank, then by
+token index; the same DispatchHandle. Every row travels as raw bytes (x, FP8 scales, local top-k
+ids and weights, source index packed side by side), so one collective moves a whole dispatch.
+all_to_all_single needs its split sizes on the host, so this backend always syncs once per
+call, num_worst_tokens included (the NVLink backend does not).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .dispatch_handle import DispatchHandle, aligned_counts, channel_matrices, send_head_from_counts
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[rows, ...] -> [rows, nbytes] uint8 view of a contiguous tensor."""
+    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+
+
+def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    return raw.contiguous().view(dtype).view(shape)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, group, rank: int, num_ranks: int):
+        self.group = group
+        self.rank = rank
+        self.num_ranks = num_ranks
+
+    # -- counts ------------------------------------------------------------------------------------
+    def _exchange_counts(self, num_tokens_per_rank: torch.Tensor, num_tokens_per_expert: torch.Tensor):
+        """All ranks' [R + E] counts -> (counts [R src, R dst] as host lists, our per-expert counts)."""
+        mine = torch.cat([num_tokens_per_rank.to(torch.int64), num_tokens_per_expert.to(torch.int64)])
+        gathered = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+        dist.all_gather(gathered, mine, group=self.group)
+        table = torch.stack(gathered).cpu()
+        R = self.num_ranks
+        per_rank = table[:, :R]
+        experts_per_rank = num_tokens_per_expert.numel() // R
+        lo = R + self.rank * experts_per_rank
+        per_expert = table[:, lo:lo + experts_per_rank].sum(0).tolist()
+        return per_rank, per_expert
+
+    def _send_order(self, is_token_in_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(destination, token) of every sent row, destination-major then token order."""
+        pairs = is_token_in_rank.t().nonzero()
+        return pairs[:, 0], pairs[:, 1]
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    def dispatch(self, *, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                 num_tokens_per_expert, expert_alignment: int, num_worst_tokens: int, handle, config=None):
+        R, rank = self.num_ranks, self.rank
+        device = x.device
+        per_expert_list = None
+        if handle is None:
+            counts, per_expert = self._exchange_counts(num_tokens_per_rank, num_tokens_per_expert)
+            rank_prefix = counts.cumsum(0).to(torch.int32)
+            rank_prefix_dev = rank_prefix.to(device)
+            send_head = send_head_from_counts(is_token_in_rank, rank_prefix_dev, rank)
+            per_expert_list = [] if num_worst_tokens > 0 else aligned_counts(per_expert, expert_alignment)
+        else:
+            rank_prefix_dev = handle.rank_prefix_matrix
+            rank_prefix = rank_prefix_dev.cpu().to(torch.int64)
+            counts = torch.diff(rank_prefix, dim=0, prepend=torch.zeros(1, R, dtype=torch.int64))
+            is_token_in_rank, send_head = handle.is_token_in_rank, handle.send_head
+        send_splits = counts[rank].tolist()
+        recv_splits = counts[:, rank].tolist()
+        num_recv = sum(recv_splits)
+        if num_worst_tokens and num_recv > num_worst_tokens:
+            raise ValueError(f"num_worst_tokens={num_worst_tokens}: rank {rank} receives {num_recv} tokens")
+
+        # one byte row per (destination, token): x | scales | local top-k ids | weights | source index
+        dest, token = self._send_order(is_token_in_rank)
+        parts = [_as_bytes(x)[token]]
+        if x_scales is not None:
+            parts.append(_as_bytes(x_scales)[token])
+        if topk_idx is not None:
+            experts_per_rank = num_tokens_per_expert.numel() // R
+            local = topk_idx[token] - (dest * experts_per_rank).unsqueeze(1)
+            valid = (topk_idx[token] >= 0) & (local >= 0) & (local < experts_per_rank)
+            parts.append(_as_bytes(torch.where(valid, local, torch.full_like(local, -1))))
+            if topk_weights is not None:
+                weights = topk_weights[token]
+                parts.append(_as_bytes(torch.where(valid, weights, torch.zeros_like(weights))))
+        parts.append(_as_bytes(token.to(torch.int32).view(-1, 1)))
+        send = torch.cat(parts, dim=1) if len(token) else torch.empty(0, sum(p.shape[1] for p in parts),
+                                                                      dtype=torch.uint8, device=device)
+        recv = torch.empty(num_recv, send.shape[1], dtype=torch.uint8, device=device)
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+
+        # unpack into fresh tensors, padded to num_worst_tokens rows
+        rows = max(num_recv, num_worst_tokens)
+        col = 0
+
+        def take(dtype, width, fill):
+            nonlocal col
+            nbytes = width * torch.empty((), dtype=dtype).element_size()
+            out = torch.full((rows, width), fill, dtype=dtype, device=device) if rows > num_recv else \
+                torch.empty((rows, width), dtype=dtype, device=device)
+            out[:num_recv] = _from_bytes(recv[:, col:col + nbytes], dtype, (num_recv, width))
+            col += nbytes
+            return out
+
+        recv_x = take(x.dtype, x.shape[1], 0)
+        recv_scales = take(x_scales.dtype, x_scales.shape[1], 0) if x_scales is not None else None
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            recv_topk_idx = take(torch.int64, topk_idx.shape[1], -1)
+            if topk_weights is not None:
+                recv_topk_weights = take(topk_weights.dtype, topk_weights.shape[1], 0)
+        recv_src_idx = take(torch.int32, 1, -1).view(-1)
+        if handle is None:
+            sent, recv_channel = channel_matrices(is_token_in_rank, R)
+            handle = DispatchHandle(rank_prefix_dev, sent, recv_channel, recv_src_idx, is_token_in_rank, send_head)
+        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle
+
+    # -- combine -----------------------------------------------------------------------------------
+    def combine(self, *, x, handle: DispatchHandle, topk_weights, bias, config=None):
+        R, rank = self.num_ranks, self.rank
+        device = x.device
+        rank_prefix = handle.rank_prefix_matrix.cpu().to(torch.int64)
+        counts = torch.diff(rank_prefix, dim=0, prepend=torch.zeros(1, R, dtype=torch.int64))
+        num_recv = int(rank_prefix[R - 1, rank])
+        parts = [_as_bytes(x[:num_recv])]
+        if topk_weights is not None:
+            parts.append(_as_bytes(topk_weights[:num_recv]))
+        send = torch.cat(parts, dim=1)
+        _, token = self._send_order(handle.is_token_in_rank)
+        back = torch.empty(len(token), send.shape[1], dtype=torch.uint8, device=device)
+        dist.all_to_all_single(back, send, counts[rank].tolist(), counts[:, rank].tolist(), group=self.group)
+
+        # each token: the sum of the rows every rank it reached sent back (fp32 accumulation)
+        T, H = handle.num_tokens, x.shape[1]
+        hb = H * x.element_size()
+        acc = torch.zeros(T, H, dtype=torch.float32, device=device)
+        acc.index_add_(0, token, _from_bytes(back[:, :hb], x.dtype, (len(token), H)).float())
+        for b in bias:
+            acc += b.float()
+        combined_weights = None
+        if topk_weights is not None:
+            K = topk_weights.shape[1]
+            combined_weights = torch.zeros(T, K, dtype=topk_weights.dtype, device=device)
+            combined_weights.index_add_(0, token, _from_bytes(back[:, hb:], topk_weights.dtype, (len(token), K)))
+        return acc.to(x.dtype), combined_weights
+
+    def destroy(self) -> None:
+        pass
