@@ -73,6 +73,39 @@ def solve_cuda(spec: IpmSpec, workload: torch.Tensor, phy2log: torch.Tensor, r2o
     return IpmResult(probs, global_workload, stats[:, 0], stats[:, 1], objective)
 
 
+def batch_layout(w: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token counts and a placement that pose N independent LPs as N groups of one solve.
+
+    w [N, G, D], f [N, G] integer tokens -> (workload int32 [N*G*(D+1)], phy2log int32): every rank
+    holds D replicated originals (bundle d = w[k, g, d]), one fixed expert (f[k, g]), D copies."""
+    n, G, D = w.shape
+    per_rank = torch.cat([w, f.unsqueeze(-1)], dim=-1).reshape(-1).to(torch.int32)  # logical id = rank*(D+1) + slot
+    ranks = torch.arange(n * G, device=w.device).view(-1, 1)
+    own = ranks * (D + 1) + torch.arange(D + 1, device=w.device)
+    # copy slot d of rank (k, g) holds bundle d of rank (k, r2o[g, d]); the solver never reads it
+    phy2log = torch.cat([own, own[:, :D]], dim=1).reshape(-1).to(torch.int32)
+    return per_rank.contiguous(), phy2log.contiguous()
+
+
+def solve_batch_cuda(w: torch.Tensor, f: torch.Tensor, r2o: torch.Tensor, prev_probs: torch.Tensor | None = None,
+                     spec: IpmSpec | None = None) -> tuple[IpmResult, torch.Tensor]:
+    """Solve N independent group LPs (w [N, G, D], f [N, G] integer tokens on a CUDA device) in one
+    launch; for tests and benchmarks. Returns the result and the avail counter."""
+    from .topologies import original_to_redundant, validate_r2o
+
+    n, G, D = w.shape
+    r2o_cpu = validate_r2o(r2o)
+    spec = spec or IpmSpec(G, D, 1)
+    workload, phy2log = batch_layout(w, f)
+    device = w.device
+    if prev_probs is None:
+        prev_probs = torch.full((n, G, D), 0.5, dtype=torch.float32, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    res = solve_cuda(spec, workload, phy2log, r2o_cpu.to(device), original_to_redundant(r2o_cpu).to(device),
+                     prev_probs, counter, n, 1)
+    return res, counter
+
+
 def deployment_specs(deployment) -> list[IpmSpec]:
     """The LPLB topologies a deployment would use: a cube of 8 (2 slots) for EP divisible by 8,
     a 16-rank hypercube for EP divisible by 16, a ring for EP 2..7; one bundled expert per slot."""
