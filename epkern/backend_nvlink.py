@@ -1,0 +1,189 @@
+"""NVLink normal-mode backend: dispatch and combine through CUDA-IPC peer buffers.
+
+Each call is one or two kernel launches on the caller's (communication) stream:
+  dispatch = notify (counts exchange, rank prefix matrix, every token's final row) then, after the
+  host reads the receive count from host-mapped memory (skipped with num_worst_tokens), the
+  one-copy dispatch kernel; cached dispatch reuses the handle and skips notify.
+  combine = one kernel.
+Every launch takes the next sequence number; all ranks issue the same calls in the same order, so
+their numbers agree. A kernel that waits past the timeout reports (kernel, rank) in a host-mapped
+status word; the host raises TimeoutError from it at the next call (or at once while waiting for
+the notify counts). After a failure the buffer stays failed: destroy it.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+
+import torch
+
+from . import intranode_kernels as ik
+from .dispatch_handle import DispatchHandle
+from .peer_memory import HostMapped, PeerBuffer
+
+_KERNELS = {1: "intranode notify", 2: "intranode dispatch", 3: "intranode combine"}
+
+
+class PeerTimeoutError(TimeoutError):
+    """A peer rank did not arrive within the timeout."""
+
+
+class BufferOverflowError(RuntimeError):
+    """A row did not fit a rank's peer buffer."""
+
+
+class NvlinkBackend:
+    name = "nvlink"
+
+    def __init__(self, group, rank: int, num_ranks: int, num_nvl_bytes: int, timeout_s: float):
+        if num_ranks > ik.MAX_RANKS:
+            raise ValueError(f"the NVLink backend supports up to {ik.MAX_RANKS} ranks, the group has {num_ranks}")
+        min_bytes = ik.HEADER_BYTES + (1 << 20)
+        if num_nvl_bytes < min_bytes:
+            raise ValueError(f"num_nvl_bytes={num_nvl_bytes}: the NVLink backend needs at least {min_bytes} bytes; "
+                             "size it with Config.get_nvl_buffer_size_hint")
+        self.group, self.rank, self.num_ranks = group, rank, num_ranks
+        self.timeout_s = float(timeout_s)
+        self.peer = PeerBuffer(group, num_nvl_bytes)
+        self.layout = ik.PeerLayout(num_nvl_bytes)
+        self.status = HostMapped(64)
+        self._status_word = self.status.host_array(ctypes.c_uint32, 1)
+        self._host_out: HostMapped | None = None
+        self.seq = 0
+        self.device = self.peer.device
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self.raise_if_failed()
+        self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+        return self.seq
+
+    @property
+    def timeout_ns(self) -> int:
+        return int(self.timeout_s * 1e9)
+
+    def raise_if_failed(self) -> None:
+        word = int(self._status_word[0])
+        if not word:
+            return
+        kind, kernel, peer = (word >> 24) & 0x7F, (word >> 16) & 0xFF, word & 0xFFFF
+        name = _KERNELS.get(kernel, f"kernel {kernel}")
+        if kind == 1:
+            raise PeerTimeoutError(f"{name} on rank {self.rank}: rank {peer} did not arrive within {self.timeout_s:g} s "
+                                   "(it died, hangs, or issued different calls); this buffer is unusable, destroy it")
+        raise BufferOverflowError(f"{name} on rank {self.rank}: rows for rank {peer} do not fit its "
+                                  f"{self.layout.nbytes}-byte peer buffer; make num_nvl_bytes larger "
+                                  "(Config.get_nvl_buffer_size_hint)")
+
+    def _host_counts(self, experts_per_rank: int):
+        words = 4 + experts_per_rank
+        if self._host_out is None or self._host_out.nbytes < 4 * words:
+            if self._host_out is not None:
+                torch.cuda.synchronize(self.device)
+                self._host_out.close()
+            self._host_out = HostMapped(4 * max(words, 1024))
+        return self._host_out
+
+    def _wait_counts(self, seq: int, experts_per_rank: int) -> list[int]:
+        """Busy-wait (with the timeout) until notify published its counts to host memory."""
+        out = self._host_out.host_array(ctypes.c_uint32, 4 + experts_per_rank)
+        deadline = time.monotonic() + self.timeout_s + 5.0
+        while out[0] != seq:
+            self.raise_if_failed()
+            if time.monotonic() > deadline:
+                raise PeerTimeoutError(f"intranode notify on rank {self.rank}: no counts after {self.timeout_s:g} s "
+                                       "(the kernel did not run: is the communication stream blocked?)")
+        return list(out[1:4 + experts_per_rank])
+
+    def _check_capacity(self, rows: int, slot_bytes: int, what: str) -> int:
+        capacity = self.layout.slot_capacity(slot_bytes)
+        if rows > capacity:
+            need = ik.required_bytes(rows, slot_bytes)
+            raise ValueError(f"{what}: needs {rows} rows of {slot_bytes} bytes in the peer buffer, which holds "
+                             f"{capacity}; num_nvl_bytes must be at least {need} (it is {self.layout.nbytes})")
+        return capacity
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    def dispatch(self, *, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                 num_tokens_per_expert, expert_alignment: int, num_worst_tokens: int, handle, config):
+        R, rank, device = self.num_ranks, self.rank, x.device
+        stream = torch.cuda.current_stream(device)
+        T, H = x.shape
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        fp8 = x_scales is not None
+        slot_bytes = ik.dispatch_slot_bytes(H, num_topk, fp8)
+        per_expert_list = None
+        if handle is None:
+            experts_per_rank = num_tokens_per_expert.numel() // R
+            if R * (R + 1 + experts_per_rank) > self.layout.counts_capacity():
+                raise ValueError(f"num_experts={num_tokens_per_expert.numel()}: too many experts per rank for the "
+                                 f"counts table ({self.layout.counts_capacity()} ints)")
+            rank_prefix = torch.empty(R, R, dtype=torch.int32, device=device)
+            send_head = torch.empty(T, R, dtype=torch.int32, device=device)
+            recv_expert_counts = torch.empty(max(experts_per_rank, 1), dtype=torch.int32, device=device)
+            host_out = self._host_counts(experts_per_rank)
+            seq = self._next_seq()
+            ik.launch_notify(stream, R, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, expert_alignment,
+                             rank, seq, self.peer.ptr_table, self.timeout_ns, rank_prefix, send_head,
+                             recv_expert_counts, host_out.device_ptr, self.status.device_ptr)
+            if num_worst_tokens > 0:
+                rows = num_worst_tokens
+                per_expert_list = []
+            else:
+                counts = self._wait_counts(seq, experts_per_rank)
+                rows, max_recv, max_tokens = counts[0], counts[1], counts[2]
+                per_expert_list = counts[3:3 + experts_per_rank]
+                # every rank sees the same maxima, so every rank raises here together
+                self._check_capacity(max_recv, slot_bytes, "dispatch")
+                self._check_capacity(max_tokens * R, ik.combine_slot_bytes(H, num_topk), "combine (after this dispatch)")
+        else:
+            experts_per_rank = 1
+            rank_prefix, send_head, is_token_in_rank = handle.rank_prefix_matrix, handle.send_head, handle.is_token_in_rank
+            rows = handle.num_recv_rows
+        capacity = self._check_capacity(rows, slot_bytes, "dispatch")
+
+        recv_x = torch.empty(rows, H, dtype=x.dtype, device=device)
+        recv_scales = torch.empty(rows, H // 128, dtype=torch.float32, device=device) if fp8 else None
+        recv_topk_idx = torch.empty(rows, num_topk, dtype=torch.int64, device=device) if num_topk else None
+        recv_topk_weights = (torch.empty(rows, num_topk, dtype=torch.float32, device=device)
+                             if num_topk and topk_weights is not None else None)
+        recv_src_idx = torch.empty(rows, dtype=torch.int32, device=device)
+        spec = ik.dispatch_spec(R, H, num_topk, fp8, config.num_sms)
+        seq = self._next_seq()
+        ik.launch_dispatch(stream, spec, x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, rows,
+                           experts_per_rank, rank, seq, self.peer.ptr_table, self.layout, capacity, self.timeout_ns,
+                           recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, self.status.device_ptr)
+        if handle is None:
+            sent = torch.diff(rank_prefix, dim=0, prepend=torch.zeros(1, R, dtype=torch.int32, device=device))[rank]
+            sent = sent.view(R, 1).contiguous()
+            handle = DispatchHandle(rank_prefix, sent, torch.zeros_like(sent), recv_src_idx, is_token_in_rank, send_head)
+        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle
+
+    # -- combine -----------------------------------------------------------------------------------
+    def combine(self, *, x, handle: DispatchHandle, topk_weights, bias, config):
+        R, device = self.num_ranks, x.device
+        stream = torch.cuda.current_stream(device)
+        T, H = handle.num_tokens, x.shape[1]
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+        slot_bytes = ik.combine_slot_bytes(H, num_topk)
+        capacity = self._check_capacity(T * R, slot_bytes, "combine")
+        combined_x = torch.empty(T, H, dtype=x.dtype, device=device)
+        combined_weights = torch.empty(T, num_topk, dtype=torch.float32, device=device) if num_topk else None
+        bias0 = bias[0] if len(bias) > 0 else None
+        bias1 = bias[1] if len(bias) > 1 else None
+        spec = ik.combine_spec(R, H, num_topk, config.num_sms)
+        seq = self._next_seq()
+        ik.launch_combine(stream, spec, x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
+                          handle.send_head, self.rank, seq, self.peer.ptr_table, self.layout, capacity,
+                          self.timeout_ns, bias0, bias1, combined_x, combined_weights, self.status.device_ptr)
+        return combined_x, combined_weights
+
+    def destroy(self) -> None:
+        if self.peer is None:
+            return
+        torch.cuda.synchronize(self.device)
+        self.peer.close()
+        self.status.close()
+        if self._host_out is not None:
+            self._host_out.close()
+        self.peer = None

@@ -1,0 +1,196 @@
+"""Intranode (NVLink) kernel family: the spec, the peer-buffer layout and the launch wrappers.
+
+One spec per kernel of templates/intranode.cu.j2:
+  notify   specialized on the rank count;
+  dispatch on (dtype, hidden, ranks, top-k, SMs, warp split);
+  combine  on (hidden, ranks, top-k, SMs, warp split).
+Token counts, expert counts, alignment and buffer offsets are run-time arguments, so batch sizes
+never trigger a compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from epkern.codegen import KernelSpec, check_choice, check_int, get_module
+
+MAX_RANKS = 8
+MAX_BLOCKS = 132
+MAX_TOPK = 32
+
+# peer buffer layout: a 1 MiB header (flags, chunk table, counts), the flag area, the payload
+READY_OFF = 0
+NOTIFY_OFF = 256
+CHUNK_OFF = 512
+COUNTS_OFF = 32768
+HEADER_BYTES = 1 << 20
+FLAG_FRACTION = 17          # the flag area takes 1/17 of the rest: 4 bytes per >= 64-byte slot
+NOTIFY_THREADS = 1024
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def dispatch_slot_bytes(hidden: int, num_topk: int, fp8: bool) -> int:
+    row = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
+    return _round_up(row, 16) + _round_up(16 + 8 * num_topk, 16)
+
+
+def combine_slot_bytes(hidden: int, num_topk: int) -> int:
+    return _round_up(hidden * 2, 16) + _round_up(4 * num_topk, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerLayout:
+    """Where the flag area and payload lie in a peer buffer of nbytes (the same on every rank)."""
+
+    nbytes: int
+
+    @property
+    def flags_off(self) -> int:
+        return HEADER_BYTES
+
+    @property
+    def flag_capacity(self) -> int:
+        return max(0, (self.nbytes - HEADER_BYTES) // FLAG_FRACTION // 4096 * 4096 // 4)
+
+    @property
+    def payload_off(self) -> int:
+        return HEADER_BYTES + self.flag_capacity * 4
+
+    def slot_capacity(self, slot_bytes: int) -> int:
+        return max(0, min(self.flag_capacity, (self.nbytes - self.payload_off) // slot_bytes))
+
+    def counts_capacity(self) -> int:
+        return (HEADER_BYTES - COUNTS_OFF) // 4
+
+
+def required_bytes(num_slots: int, slot_bytes: int) -> int:
+    """The smallest peer buffer holding num_slots slots of slot_bytes (with its flags)."""
+    rest = max(FLAG_FRACTION * (num_slots * 4 + 4096),
+               -(-num_slots * slot_bytes * FLAG_FRACTION // (FLAG_FRACTION - 1)) + 2 * 4096)
+    nbytes = HEADER_BYTES + _round_up(rest, 4096)
+    while PeerLayout(nbytes).slot_capacity(slot_bytes) < num_slots:   # rounding guard: a step or two
+        nbytes += FLAG_FRACTION * 4096
+    return nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class IntranodeSpec(KernelSpec):
+    family = "intranode"
+    template = "intranode.cu.j2"
+
+    kernel: str                 # notify | dispatch | combine
+    num_ranks: int
+    hidden: int = 0
+    num_topk: int = 0
+    dtype: str = "bf16"         # dispatch payload: bf16 or fp8 (e4m3 bytes + fp32 scales per 128)
+    num_sms: int = 1
+    send_warps: int = 0
+    recv_warps: int = 0
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_choice(n, "kernel", self.kernel, ("notify", "dispatch", "combine"))
+        check_int(n, "num_ranks", self.num_ranks, 1, MAX_RANKS)
+        if self.kernel == "notify":
+            if (self.hidden, self.num_topk, self.dtype, self.num_sms, self.send_warps, self.recv_warps) != \
+                    (0, 0, "bf16", 1, 0, 0):
+                raise ValueError(f"{n}: the notify kernel takes num_ranks only")
+            return
+        check_choice(n, "dtype", self.dtype, ("bf16", "fp8") if self.kernel == "dispatch" else ("bf16",))
+        check_int(n, "hidden", self.hidden, 8, 1 << 16, multiple_of=128 if self.dtype == "fp8" else 8)
+        check_int(n, "num_topk", self.num_topk, 0, MAX_TOPK)
+        check_int(n, "num_sms", self.num_sms, 1, MAX_BLOCKS)
+        check_int(n, "send_warps", self.send_warps, 1, 32)
+        check_int(n, "recv_warps", self.recv_warps, 1, 32)
+        if self.send_warps + self.recv_warps > 32:
+            raise ValueError(f"{n}: send_warps + recv_warps = {self.send_warps + self.recv_warps} exceeds 32 warps")
+
+    @property
+    def threads(self) -> int:
+        return NOTIFY_THREADS if self.kernel == "notify" else 32 * (self.send_warps + self.recv_warps)
+
+    def template_vars(self):
+        row_int4 = self.hidden * (1 if self.dtype == "fp8" else 2) // 16
+        return dict(kernel=self.kernel, num_ranks=self.num_ranks, hidden=self.hidden, num_topk=self.num_topk,
+                    fp8=self.dtype == "fp8", num_sms=self.num_sms, send_warps=self.send_warps,
+                    recv_warps=self.recv_warps, threads=self.threads, unroll=max(1, min(16, -(-row_int4 // 32))),
+                    ready_off=READY_OFF, notify_off=NOTIFY_OFF, chunk_off=CHUNK_OFF, counts_off=COUNTS_OFF,
+                    max_blocks=MAX_BLOCKS)
+
+    def name_fields(self) -> str:
+        if self.kernel == "notify":
+            return f"notify_r{self.num_ranks}"
+        dtype = f"_{self.dtype}" if self.kernel == "dispatch" else ""
+        return (f"{self.kernel}{dtype}_h{self.hidden}_r{self.num_ranks}_k{self.num_topk}_s{self.num_sms}"
+                f"_w{self.send_warps}x{self.recv_warps}")
+
+
+# warp split per kernel: senders keep NVLink busy, receivers/reducers drain what arrived
+DISPATCH_WARPS = (16, 8)
+COMBINE_WARPS = (12, 12)
+
+
+def notify_spec(num_ranks: int) -> IntranodeSpec:
+    return IntranodeSpec("notify", num_ranks)
+
+
+def dispatch_spec(num_ranks: int, hidden: int, num_topk: int, fp8: bool, num_sms: int) -> IntranodeSpec:
+    return IntranodeSpec("dispatch", num_ranks, hidden, num_topk, "fp8" if fp8 else "bf16", num_sms, *DISPATCH_WARPS)
+
+
+def combine_spec(num_ranks: int, hidden: int, num_topk: int, num_sms: int) -> IntranodeSpec:
+    return IntranodeSpec("combine", num_ranks, hidden, num_topk, "bf16", num_sms, *COMBINE_WARPS)
+
+
+# -- launch wrappers (arguments already validated by the backend) ---------------------------------
+def launch_notify(stream, num_ranks, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, expert_alignment,
+                  rank, seq, ptr_table, timeout_ns, rank_prefix_matrix, send_head, recv_expert_counts,
+                  host_out_ptr, status_ptr):
+    spec = notify_spec(num_ranks)
+    get_module(spec, is_token_in_rank.device.index).launch(
+        "notify", 1, spec.threads, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+        np.int32(is_token_in_rank.shape[0]), np.int32(num_tokens_per_expert.numel() // num_ranks),
+        np.int32(expert_alignment), np.int32(rank), np.uint32(seq), ptr_table, np.uint64(timeout_ns),
+        rank_prefix_matrix, send_head, recv_expert_counts, np.uint64(host_out_ptr), np.uint64(status_ptr),
+        stream=stream)
+
+
+def launch_dispatch(stream, spec: IntranodeSpec, x, x_scales, topk_idx, topk_weights, send_head, rank_prefix_matrix,
+                    num_out_rows, experts_per_rank, rank, seq, ptr_table, layout: PeerLayout, slot_capacity,
+                    timeout_ns, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, status_ptr):
+    get_module(spec, x.device.index).launch(
+        "dispatch", spec.num_sms, spec.threads, x, x_scales, topk_idx, topk_weights, send_head, rank_prefix_matrix,
+        np.int32(x.shape[0]), np.int32(num_out_rows), np.int32(experts_per_rank), np.int32(rank), np.uint32(seq),
+        ptr_table, np.uint64(layout.flags_off), np.uint64(layout.payload_off), np.int64(slot_capacity),
+        np.uint64(timeout_ns), recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
+        np.uint64(status_ptr), stream=stream)
+
+
+def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, rank_prefix_matrix, send_head,
+                   rank, seq, ptr_table, layout: PeerLayout, slot_capacity, timeout_ns, bias0, bias1,
+                   combined_x, combined_weights, status_ptr):
+    get_module(spec, x.device.index).launch(
+        "combine", spec.num_sms, spec.threads, x, topk_weights, recv_src_idx, rank_prefix_matrix, send_head,
+        np.int32(send_head.shape[0]), np.int32(rank), np.uint32(seq), ptr_table, np.uint64(layout.flags_off),
+        np.uint64(layout.payload_off), np.int64(slot_capacity), np.uint64(timeout_ns), bias0, bias1,
+        combined_x, combined_weights, np.uint64(status_ptr), stream=stream)
+
+
+def deployment_specs(deployment) -> list[IntranodeSpec]:
+    """Notify, dispatch (bf16, fp8; with and without top-k) and combine at DeepEP's default 20 SMs and 24."""
+    specs = []
+    for r in deployment.ep_sizes:
+        if r > MAX_RANKS:
+            continue
+        specs.append(notify_spec(r))
+        for sms in (20, 24):
+            for k in (deployment.num_topk, 0):
+                specs.append(dispatch_spec(r, deployment.hidden, k, False, sms))
+                if deployment.hidden % 128 == 0:
+                    specs.append(dispatch_spec(r, deployment.hidden, k, True, sms))
+                specs.append(combine_spec(r, deployment.hidden, k, sms))
+    return specs
