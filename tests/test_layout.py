@@ -169,6 +169,7 @@ def test_kernel_repeats_and_side_streams():
     """The last-block ticket resets itself: back-to-back launches on two streams stay correct."""
     topks = [random_topk(3000, 8, 256, seed=s, device="cuda") for s in range(4)]
     side = torch.cuda.Stream()
+    torch.cuda.synchronize()  # the inputs were copied on the default stream
     for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
         with torch.cuda.stream(stream):
             outs = [get_dispatch_layout(t, 256, 8) for t in topks]
