@@ -117,7 +117,7 @@ class IntranodeSpec(KernelSpec):
         row_int4 = self.hidden * (1 if self.dtype == "fp8" else 2) // 16
         return dict(kernel=self.kernel, num_ranks=self.num_ranks, hidden=self.hidden, num_topk=self.num_topk,
                     fp8=self.dtype == "fp8", num_sms=self.num_sms, send_warps=self.send_warps,
-                    recv_warps=self.recv_warps, threads=self.threads, unroll=max(1, min(16, -(-row_int4 // 32))),
+                    recv_warps=self.recv_warps, threads=self.threads, unroll=max(1, min(8, -(-row_int4 // 32))),
                     ready_off=READY_OFF, notify_off=NOTIFY_OFF, chunk_off=CHUNK_OFF, counts_off=COUNTS_OFF,
                     max_blocks=MAX_BLOCKS)
 
@@ -130,8 +130,8 @@ class IntranodeSpec(KernelSpec):
 
 
 # warp split per kernel: senders keep NVLink busy, receivers/reducers drain what arrived
-DISPATCH_WARPS = (16, 8)
-COMBINE_WARPS = (12, 12)
+DISPATCH_WARPS = (12, 6)
+COMBINE_WARPS = (10, 6)
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:
