@@ -1,0 +1,137 @@
+"""Low-latency dispatch/combine on 2 GPUs (EP=2), DeepEP's figures beside ours.
+
+    python3 -m benchmarks.low_latency [--tokens 1,32,128,256] [--num-sms 32]
+
+Per token count: dispatch (FP8), combine (BF16) and dispatch + combine are timed with CUDA events
+over CUDA-graph replays (benchmarks.harness, graph=True); the send and receive halves with hooks
+are kernel durations from the profiler, the receive kernel launched after a large GEMM as in
+DeepEP's own test, so it finds the data already there. Rank 0 writes benchmarks/results/low_latency.json.
+
+Floor: about half of a rank's (token, expert) copies cross NVLink at EP=2; bytes over the
+measured one-direction NVLink copy rate (393 GB/s, REFERENCE.md) give the floor rows.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+H, E, K = 7168, 256, 8
+M = 256
+NVLINK_ONE_WAY = 393e9
+DEEPEP = {"dispatch": 29.0, "combine": 40.0, "dispatch_send": 19.4, "dispatch_recv": 8.2,
+          "combine_send": 32.5, "combine_recv": 9.7, "dispatch+combine": 92.0}   # us, 128 tokens, REFERENCE.md
+
+
+def _inputs(rank: int, tokens: int):
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(tokens, H, generator=g, device="cuda").to(torch.bfloat16) * 0.1
+    scores = torch.rand(tokens, E, generator=g, device="cuda")
+    topk_idx = torch.topk(scores, K, dim=-1).indices
+    weights = torch.rand(tokens, K, generator=g, device="cuda")
+    return x, topk_idx, weights
+
+
+def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
+    """Send/receive kernel durations (us) with hooks, from the profiler."""
+    a = torch.randn(4096, 4096, device="cuda")
+
+    def once():
+        _, _, handle, _, hook = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True, return_recv_hook=True)
+        a @ a
+        hook()
+        _, _, hook = buf.low_latency_combine(gemm_x, topk_idx, weights, handle, return_recv_hook=True)
+        a @ a
+        hook()
+
+    for _ in range(3):
+        once()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            once()
+        torch.cuda.synchronize()
+    sums: dict = {}
+    for ev in prof.events():
+        name = ev.name
+        if not name.startswith("low_latency_"):
+            continue
+        key = ("combine" if "_combine_" in name else "dispatch") + ("_send" if name.endswith("_send") else "_recv")
+        sums.setdefault(key, []).append(ev.time_range.elapsed_us())
+    return {k: sorted(v)[len(v) // 2] for k, v in sums.items()}
+
+
+def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sms: int, name: str):
+    from benchmarks.harness import Bench
+    from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=num_ranks, device_id=torch.device("cuda", rank))
+    buf = LowLatencyBuffer(dist.group.WORLD, get_low_latency_rdma_size_hint(M, H, num_ranks, E), timeout_s=20.0,
+                           num_sms=num_sms)
+    bench = Bench(name, warmup=20, repeats=200)
+    L = E // num_ranks
+    fp8_msg = H + 16 + 4 * (H // 128)
+    for tokens in tokens_list:
+        x, topk_idx, weights = _inputs(rank, tokens)
+        recv, count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True)
+        gemm_x = torch.randn(L, num_ranks * M, H, device="cuda").to(torch.bfloat16)
+        remote = int(((topk_idx >= 0) & (topk_idx // L != rank)).sum())
+        copies = int((topk_idx >= 0).sum())
+        cfg = {"tokens": tokens, "max_tokens": M, "hidden": H, "experts": E, "topk": K, "ranks": num_ranks,
+               "num_sms": num_sms}
+        dist.barrier()
+        timings = {
+            "dispatch": bench.time(lambda _: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True), [None], graph=True),
+            "combine": bench.time(lambda _: buf.low_latency_combine(gemm_x, topk_idx, weights, handle), [None], graph=True),
+        }
+
+        def both(_):
+            _, _, h, _, _ = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True)
+            buf.low_latency_combine(gemm_x, topk_idx, weights, h)
+
+        timings["dispatch+combine"] = bench.time(both, [None], graph=True)
+        halves = _kernel_times(buf, x, topk_idx, weights, gemm_x)
+        floors = {"dispatch": remote * fp8_msg / NVLINK_ONE_WAY * 1e6, "combine": remote * 2 * H / NVLINK_ONE_WAY * 1e6}
+        for name, t in timings.items():
+            extra = {"deepep_us_128_tokens": DEEPEP.get(name), "rank": rank, "copies": copies, "remote_copies": remote}
+            if name in floors:
+                extra["nvlink_floor_us"] = floors[name]
+            bench.record(f"{name} T={tokens}", cfg, t, extra=extra)
+        for name, us in halves.items():
+            t = {"median_us": us, "mean_us": us, "min_us": us, "p10_us": us, "p90_us": us, "stdev_us": 0.0, "repeats": 20}
+            bench.record(f"{name} (hook, kernel) T={tokens}", cfg, t,
+                         extra={"deepep_us_128_tokens": DEEPEP.get(name), "rank": rank, "source": "profiler kernel time"})
+        dist.barrier()
+    if rank == 0:
+        bench.print_table()
+        for row in bench.rows:
+            if row.get("deepep_us_128_tokens"):
+                print(f"  {row['name']:<40} ours {row['timing']['median_us']:7.2f} us   DeepEP@128 {row['deepep_us_128_tokens']:6.1f} us"
+                      + (f"   NVLink floor {row['nvlink_floor_us']:.1f} us" if "nvlink_floor_us" in row else ""))
+        bench.save(meta={"deepep_v1_2_1_us_128_tokens": DEEPEP, "note": "EP=2 on 2 x H200, FP8 dispatch, BF16 combine"})
+    dist.barrier()
+    buf.destroy()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="1,32,128,256")
+    parser.add_argument("--num-sms", type=int, default=132)
+    parser.add_argument("--name", default="low_latency", help="results file benchmarks/results/NAME.json")
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    torch.multiprocessing.spawn(_worker, args=(2, port, tokens, args.num_sms, args.name), nprocs=2, join=True)
+
+
+if __name__ == "__main__":
+    main()
