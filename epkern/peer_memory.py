@@ -112,8 +112,8 @@ class PeerBuffer:
         _live.add(self)
 
     def _check_same_node(self) -> None:
-        me = (socket.gethostname(), torch.cuda.get_device_properties(self.device).uuid
-              if hasattr(torch.cuda.get_device_properties(self.device), "uuid") else None, self.device.index)
+        props = torch.cuda.get_device_properties(self.device)
+        me = (socket.gethostname(), str(props.uuid) if hasattr(props, "uuid") else None, self.device.index)  # _CUuuid does not pickle
         everyone: list = [None] * self.num_ranks
         dist.all_gather_object(everyone, me, group=self.group)
         hosts = {h for h, _, _ in everyone}
