@@ -87,7 +87,8 @@ class Planner:
         Returns:
             phy2log [n_routed] int32, log2phy [n_logical, 2] int32 (original first), logcnt [n_logical] int32.
         """
-        n_log, G, D, C = self.n_logical_routed_experts, self.group_size, self.num_redundants, self.combined_redundant_experts
+        n_log, G = self.n_logical_routed_experts, self.group_size
+        D, C = self.num_redundants, self.combined_redundant_experts
         if workload is None:
             placed = torch.arange(n_log, device=self.device)
         else:
@@ -127,7 +128,8 @@ class Planner:
         j = torch.arange(C, device=dev).view(1, 1, -1, 1)
         d = torch.arange(D, device=dev).view(1, 1, 1, -1)
         copy_rank = grp * G + self.o2r.long().view(1, G, 1, D)
-        log2phy[originals.flatten(), 1] = (copy_rank * n_local + n_local_logical + j * D + d).expand_as(originals).flatten()
+        copy_slot = copy_rank * n_local + n_local_logical + j * D + d
+        log2phy[originals.flatten(), 1] = copy_slot.expand_as(originals).flatten()
         log2var = torch.full((self.n_logical_routed_experts,), -1, dtype=torch.int64, device=dev)
         log2var[originals.flatten()] = ((grp * G + g) * D + d).expand_as(originals).flatten()
         self._log2phy = log2phy.to(torch.int32).contiguous()
