@@ -131,7 +131,7 @@ class IntranodeSpec(KernelSpec):
 
 # warp split per kernel: senders keep NVLink busy, receivers/reducers drain what arrived
 DISPATCH_WARPS = (12, 6)
-COMBINE_WARPS = (10, 6)
+COMBINE_WARPS = (10, 10)
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:

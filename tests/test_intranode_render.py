@@ -37,7 +37,7 @@ def test_shapes_deepep_refuses_compile(kernel, hidden, topk, fp8):
 def test_specs_validate_and_name_themselves():
     spec = ik.dispatch_spec(2, 7168, 8, True, 24)
     assert spec.name.startswith("intranode_dispatch_fp8_h7168_r2_k8_s24_")
-    assert ik.combine_spec(4, 4096, 8, 16).symbol == "intranode_combine_h4096_r4_k8_s16_w10x6"
+    assert ik.combine_spec(4, 4096, 8, 16).symbol == "intranode_combine_h4096_r4_k8_s16_w10x10"
     assert ik.notify_spec(8).symbol == "intranode_notify_r8"
     # token counts are run-time arguments, never specialization fields
     assert not any("token" in f.name for f in dataclasses.fields(ik.IntranodeSpec))
