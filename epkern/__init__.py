@@ -1,4 +1,17 @@
 """epkern: JIT-compiled expert-parallel kernels for Mixture-of-Experts on NVIDIA GPUs."""
+from .buffer import Buffer, Config
+from .events import EventOverlap
+from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 from .layout import get_dispatch_layout
+from .low_latency import get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
 
-__all__ = ["get_dispatch_layout"]
+__all__ = [
+    "Buffer",
+    "Config",
+    "EventOverlap",
+    "get_dispatch_layout",
+    "get_low_latency_rdma_size_hint",
+    "max_dispatch_tokens_for_bytes",
+    "per_token_cast_back",
+    "per_token_cast_to_fp8",
+]

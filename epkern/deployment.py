@@ -13,6 +13,11 @@ from pathlib import Path
 
 FAMILY_MODULES = (
     "epkern.layout",
+    "epkern.fp8",
+    "epkern.solver.ipm_kernel",
+    "epkern.solver.map_kernel",
+    "epkern.intranode_kernels",
+    "epkern.low_latency",
 )
 
 

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from epkern.codegen import get_module, knobs
 
 from .events import EventOverlap
-from .low_latency_kernels import (DISPATCH_KINDS, BufferLayout, LowLatencySpec, dispatch_kind, max_tokens_for_bytes,
-                                  size_hint)
+from .low_latency_kernels import (DISPATCH_KINDS, MAX_RANKS, MAX_TOPK, BufferLayout, LowLatencySpec, dispatch_kind,
+                                  max_tokens_for_bytes, size_hint)
 from .peer_memory import PeerBuffer
 from .validate import check_cuda, check_positive_int, check_range, check_tensor
 
@@ -45,9 +45,14 @@ def max_dispatch_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, n
 
 
 def deployment_specs(deployment) -> list[LowLatencySpec]:
-    """Every low-latency kernel a deployment needs: four dispatch formats and combine per EP size."""
+    """Every low-latency kernel a deployment needs: four dispatch formats and combine per EP size.
+
+    None when the shape is outside what low-latency mode supports (hidden a multiple of 128,
+    at most 64 ranks, top-k at most 32): such a deployment uses the normal mode only."""
+    if deployment.hidden % 128 or deployment.num_topk > MAX_TOPK:
+        return []
     return [LowLatencySpec(kind, deployment.hidden, r, deployment.num_experts, deployment.num_topk)
-            for r in deployment.ep_sizes for kind in DISPATCH_KINDS + ("combine",)]
+            for r in deployment.ep_sizes if r <= MAX_RANKS for kind in DISPATCH_KINDS + ("combine",)]
 
 
 def _np_ptr(value: int) -> np.uint64:
