@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from epkern.codegen import KernelSpec, check_int, get_module
+from epkern.codegen.scratch import SelfResettingZeros
 
 from .validate import check_positive_int, check_range, check_tensor
 
@@ -67,20 +68,22 @@ def layout_reference(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
 
 
 class _Workspace:
-    """Per (spec, device, stream) scratch: partial counts and the last-block ticket.
-
-    The kernel leaves the ticket at zero, so it is zeroed only while it cannot be
-    trusted yet. A workspace first made during CUDA-graph capture is zeroed by a
-    memset node of that one graph only: until an eager launch has zeroed it, every
-    graph captured with it zeroes it again, and the next eager launch zeroes it once.
-    """
+    """Per (spec, device, stream) scratch: partial counts and the last-block ticket, which the
+    kernel leaves at zero (see epkern.codegen.scratch for how a ticket made in a capture is zeroed)."""
 
     _cache: dict = {}
 
     def __init__(self, spec: LayoutSpec, device: torch.device):
         self.partials = torch.empty(MAX_BLOCKS * (spec.num_experts + spec.num_ranks), dtype=torch.int32, device=device)
-        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
-        self.trusted = not torch.cuda.is_current_stream_capturing()
+        self._ticket = SelfResettingZeros(1, device)
+
+    @property
+    def ticket(self) -> torch.Tensor:
+        return self._ticket.tensor
+
+    @property
+    def trusted(self) -> bool:
+        return self._ticket.trusted
 
     @classmethod
     def get(cls, spec: LayoutSpec, device: torch.device, stream_handle: int) -> "_Workspace":
@@ -88,9 +91,7 @@ class _Workspace:
         ws = cls._cache.get(key)
         if ws is None:
             ws = cls._cache[key] = cls(spec, device)
-        elif not ws.trusted:
-            ws.ticket.zero_()
-            ws.trusted = not torch.cuda.is_current_stream_capturing()
+        ws._ticket.get()
         return ws
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from epkern.codegen import KernelSpec, check_int, get_module
+from epkern.codegen.scratch import SelfResettingZeros
 
 ALIGN = 256           # chunk starts are multiples of this many ids
 SMEM_BUDGET = 64 << 10  # bytes of per-warp rank counters the map kernel may use
@@ -105,11 +106,12 @@ _tickets: dict = {}
 
 
 def _ticket(device: torch.device, stream_handle: int) -> torch.Tensor:
+    """The count kernel's last-block ticket for this stream (it leaves the ticket at zero)."""
     key = (device.index, stream_handle)
     t = _tickets.get(key)
     if t is None:
-        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+        t = _tickets[key] = SelfResettingZeros(1, device)
+    return t.get()
 
 
 def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int) -> torch.Tensor:

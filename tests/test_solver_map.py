@@ -144,3 +144,30 @@ def test_gpu_count_and_map_equal_references(shape, n_sms):
         again = planner.weighted_select_target(idx.cuda(), probs.cuda(), planner.count_workload(idx.cuda(), n_sms)[1],
                                                n_sms)
         assert torch.equal(again, mapped)
+
+
+@pytest.mark.gpu
+def test_gpu_count_ticket_first_made_during_capture_is_zeroed_by_the_graph():
+    """A count ticket first allocated inside a capture may hold anything (recycled pool memory):
+    the graph zeroes it, and so does the first eager launch on that stream."""
+    from epkern.solver import map_kernel
+
+    idx = random_idx((4096, 8), 8).cuda()
+    map_kernel.count_cuda(idx, E, 16)  # compile and load outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        by_sm = map_kernel.count_cuda(idx, E, 16)
+    ticket = map_kernel._tickets[(idx.device.index, stream.cuda_stream)]
+    for _ in range(2):
+        ticket.tensor.fill_(7)  # garbage
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(by_sm.cpu(), count_reference(idx.cpu(), E, 16))
+    ticket.tensor.fill_(7)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        eager = map_kernel.count_cuda(idx, E, 16)
+    stream.synchronize()
+    assert torch.equal(eager.cpu(), count_reference(idx.cpu(), E, 16)) and ticket.trusted
