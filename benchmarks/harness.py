@@ -12,8 +12,10 @@ Usage in a benchmark script:
 
 `time` warms up, then times each repeat with its own pair of CUDA events,
 rotating through the input sets so repeated runs do not measure L2.
-`graph=True` captures the call into a CUDA graph first and times replays
-(launch overhead excluded), for small or many-launch kernels.
+`graph=True` captures the call into a CUDA graph first and times replays, for
+small or many-launch kernels; with `calls_per_graph=N` one graph holds N calls
+back to back (cycling the inputs) and the time per call is the replay's / N:
+device time, free of the host's launch cost and of the event pair's own cost.
 """
 from __future__ import annotations
 
@@ -75,10 +77,14 @@ class Bench:
         return [make() for _ in range(n)]
 
     # -- timing ------------------------------------------------------------------------------------
-    def time(self, fn: Callable, inputs: list, graph: bool = False, repeats: int | None = None) -> dict:
+    def time(self, fn: Callable, inputs: list, graph: bool = False, repeats: int | None = None,
+             calls_per_graph: int = 1) -> dict:
+        """Per-call time. Eager: events around each call (host launch cost included when the host is
+        slower than the kernel). graph=True: each replay runs calls_per_graph captured calls (cycling the
+        inputs) back to back, so with calls_per_graph > 1 the time per call is device time alone."""
         repeats = repeats or self.repeats
         if graph:
-            return self._time_graph(fn, inputs, repeats)
+            return self._time_graph(fn, inputs, repeats, calls_per_graph)
         for i in range(self.warmup):
             fn(inputs[i % len(inputs)])
         torch.cuda.synchronize()
@@ -91,7 +97,7 @@ class Bench:
         torch.cuda.synchronize()
         return summarize([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
 
-    def _time_graph(self, fn: Callable, inputs: list, repeats: int) -> dict:
+    def _time_graph(self, fn: Callable, inputs: list, repeats: int, calls_per_graph: int) -> dict:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -100,10 +106,11 @@ class Bench:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graphs = []
-        for x in inputs:
+        for first in range(len(inputs) if calls_per_graph == 1 else 1):  # one long graph cycles them all
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                fn(x)
+                for i in range(calls_per_graph):
+                    fn(inputs[(first + i) % len(inputs)])
             graphs.append(g)
         for i in range(self.warmup):
             graphs[i % len(graphs)].replay()
@@ -115,7 +122,7 @@ class Bench:
             graphs[i % len(graphs)].replay()
             ends[i].record()
         torch.cuda.synchronize()
-        return summarize([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+        return summarize([s.elapsed_time(e) * 1e3 / calls_per_graph for s, e in zip(starts, ends)])
 
     def copy_bandwidth(self, nbytes: int = 1 << 30) -> float:
         """Measured device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
