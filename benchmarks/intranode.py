@@ -23,6 +23,7 @@ HIDDEN, NUM_EXPERTS, NUM_TOPK = 7168, 256, 8
 ONE_WAY_BW, BOTH_WAYS_BW = 393e9, 260e9
 DEEPEP_24SM = {"dispatch_bf16": (336, 348.0), "dispatch_fp8": (254, 237.5), "combine_bf16": (389, 300.6)}
 NCCL_BASELINE = {4096: 586, 128: 342}
+QUEUE_AHEAD_CYCLES = 100_000_000   # ~50 ms of GPU sleep before the profiled calls
 
 
 def kernel_times_us(fn, name: str, iters: int = 30, warmup: int = 5) -> list[float]:
@@ -34,6 +35,10 @@ def kernel_times_us(fn, name: str, iters: int = 30, warmup: int = 5) -> list[flo
     torch.cuda.synchronize()
     dist.barrier()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # keep the GPU busy while the host queues every call: the kernels then run back to back
+        # on both ranks, and a kernel's time is its own, not the wait for a host slower than it
+        # (each launch starts with a barrier on the peer's launch)
+        torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()

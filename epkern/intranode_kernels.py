@@ -129,9 +129,12 @@ class IntranodeSpec(KernelSpec):
                 f"_w{self.send_warps}x{self.recv_warps}")
 
 
-# warp split per kernel: senders keep NVLink busy, receivers/reducers drain what arrived
+# warp split per kernel: senders keep NVLink busy, receivers/reducers drain what arrived. Measured
+# at 24 SMs on 2 x H200 (benchmarks/intranode_sweep.py, results/intranode_sweep*.json): dispatch is
+# best at 12 + 6 (16 + 8 within noise); combine is bound by its reducers: 10+10 424 us, 16+16 387,
+# 12+20 353, 8+24 348.
 DISPATCH_WARPS = (12, 6)
-COMBINE_WARPS = (10, 10)
+COMBINE_WARPS = (8, 24)
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:
