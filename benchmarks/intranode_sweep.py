@@ -19,8 +19,8 @@ from benchmarks.harness import Bench, summarize
 from benchmarks.intranode import HIDDEN, NUM_EXPERTS, kernel_times_us, make_inputs
 
 SMS = 24
-DISPATCH_SPLITS = [(12, 6), (16, 8), (20, 12)]
-COMBINE_SPLITS = [(10, 10), (16, 16), (12, 20), (8, 24)]
+DISPATCH_SPLITS = [(12, 6), (16, 8)]
+COMBINE_SPLITS = [(8, 24), (4, 24), (4, 28), (8, 16)]
 
 
 def run(rank: int) -> None:

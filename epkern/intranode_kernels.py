@@ -18,6 +18,7 @@ from epkern.codegen import KernelSpec, check_choice, check_int, get_module
 MAX_RANKS = 8
 MAX_BLOCKS = 132
 MAX_TOPK = 32
+MAX_DYNAMIC_SMEM = 227 * 1024   # per block on sm_90
 
 # peer buffer layout: a 1 MiB header (flags, chunk table, counts), the flag area, the payload
 READY_OFF = 0
@@ -108,16 +109,29 @@ class IntranodeSpec(KernelSpec):
         check_int(n, "recv_warps", self.recv_warps, 1, 32)
         if self.send_warps + self.recv_warps > 32:
             raise ValueError(f"{n}: send_warps + recv_warps = {self.send_warps + self.recv_warps} exceeds 32 warps")
+        if self.dynamic_smem > MAX_DYNAMIC_SMEM:
+            raise ValueError(f"{n}: {self.send_warps} combine sender warps need {self.dynamic_smem} bytes of shared "
+                             f"memory, more than {MAX_DYNAMIC_SMEM}")
 
     @property
     def threads(self) -> int:
         return NOTIFY_THREADS if self.kernel == "notify" else 32 * (self.send_warps + self.recv_warps)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Combine: bytes of one bulk copy (two shared-memory stages of it per sender warp)."""
+        return min(COMBINE_CHUNK_BYTES, self.hidden * 2) if self.kernel == "combine" else 0
+
+    @property
+    def dynamic_smem(self) -> int:
+        return self.send_warps * 2 * self.chunk_bytes
 
     def template_vars(self):
         row_int4 = self.hidden * (1 if self.dtype == "fp8" else 2) // 16
         return dict(kernel=self.kernel, num_ranks=self.num_ranks, hidden=self.hidden, num_topk=self.num_topk,
                     fp8=self.dtype == "fp8", num_sms=self.num_sms, send_warps=self.send_warps,
                     recv_warps=self.recv_warps, threads=self.threads, unroll=max(1, min(8, -(-row_int4 // 32))),
+                    chunk_bytes=self.chunk_bytes,
                     ready_off=READY_OFF, notify_off=NOTIFY_OFF, chunk_off=CHUNK_OFF, counts_off=COUNTS_OFF,
                     max_blocks=MAX_BLOCKS)
 
@@ -135,6 +149,7 @@ class IntranodeSpec(KernelSpec):
 # 12+20 353, 8+24 348.
 DISPATCH_WARPS = (12, 6)
 COMBINE_WARPS = (8, 24)
+COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 2 stages x 8 KB = 128 KB of shared memory
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:
@@ -180,7 +195,7 @@ def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, r
         "combine", spec.num_sms, spec.threads, x, topk_weights, recv_src_idx, rank_prefix_matrix, send_head,
         np.int32(send_head.shape[0]), np.int32(rank), np.uint32(seq), ptr_table, np.uint64(layout.flags_off),
         np.uint64(layout.payload_off), np.int64(slot_capacity), np.uint64(timeout_ns), bias0, bias1,
-        combined_x, combined_weights, np.uint64(status_ptr), stream=stream)
+        combined_x, combined_weights, np.uint64(status_ptr), smem=spec.dynamic_smem, stream=stream)
 
 
 def deployment_specs(deployment) -> list[IntranodeSpec]:

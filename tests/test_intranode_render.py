@@ -37,7 +37,7 @@ def test_shapes_deepep_refuses_compile(kernel, hidden, topk, fp8):
 def test_specs_validate_and_name_themselves():
     spec = ik.dispatch_spec(2, 7168, 8, True, 24)
     assert spec.name.startswith("intranode_dispatch_fp8_h7168_r2_k8_s24_")
-    assert ik.combine_spec(4, 4096, 8, 16).symbol == "intranode_combine_h4096_r4_k8_s16_w10x10"
+    assert ik.combine_spec(4, 4096, 8, 16).symbol == "intranode_combine_h4096_r4_k8_s16_w8x24"
     assert ik.notify_spec(8).symbol == "intranode_notify_r8"
     # token counts are run-time arguments, never specialization fields
     assert not any("token" in f.name for f in dataclasses.fields(ik.IntranodeSpec))
@@ -77,3 +77,10 @@ def test_deployment_specs_cover_every_ep_size():
     assert {("notify", r) for r in (2, 4, 8)} <= kinds
     assert all(s.num_ranks <= 8 for s in specs)   # NVLink stops at one node of 8
     assert {s.dtype for s in specs if s.kernel == "dispatch"} == {"bf16", "fp8"}
+
+
+def test_combine_sender_stages_must_fit_shared_memory():
+    assert ik.combine_spec(2, 7168, 8, 24).dynamic_smem == 8 * 2 * 8192
+    assert ik.IntranodeSpec("combine", 2, 8, 8, "bf16", 24, 8, 24).dynamic_smem == 8 * 2 * 16   # one 16-byte row
+    with pytest.raises(ValueError, match="shared memory"):
+        ik.IntranodeSpec("combine", 2, 7168, 8, "bf16", 24, 16, 8)
