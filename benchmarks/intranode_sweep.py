@@ -20,7 +20,7 @@ from benchmarks.intranode import HIDDEN, NUM_EXPERTS, kernel_times_us, make_inpu
 
 SMS = 24
 DISPATCH_SPLITS = [(12, 6), (16, 8)]
-COMBINE_SPLITS = [(8, 24), (4, 24), (4, 28), (8, 16)]
+COMBINE_SPLITS = [(8, 24), (6, 24), (8, 20)]
 
 
 def run(rank: int) -> None:

@@ -119,19 +119,19 @@ class IntranodeSpec(KernelSpec):
 
     @property
     def chunk_bytes(self) -> int:
-        """Combine: bytes of one bulk copy (two shared-memory stages of it per sender warp)."""
+        """Combine: bytes of one bulk copy (COMBINE_STAGES shared-memory stages of it per sender warp)."""
         return min(COMBINE_CHUNK_BYTES, self.hidden * 2) if self.kernel == "combine" else 0
 
     @property
     def dynamic_smem(self) -> int:
-        return self.send_warps * 2 * self.chunk_bytes
+        return self.send_warps * COMBINE_STAGES * self.chunk_bytes
 
     def template_vars(self):
         row_int4 = self.hidden * (1 if self.dtype == "fp8" else 2) // 16
         return dict(kernel=self.kernel, num_ranks=self.num_ranks, hidden=self.hidden, num_topk=self.num_topk,
                     fp8=self.dtype == "fp8", num_sms=self.num_sms, send_warps=self.send_warps,
                     recv_warps=self.recv_warps, threads=self.threads, unroll=max(1, min(8, -(-row_int4 // 32))),
-                    chunk_bytes=self.chunk_bytes,
+                    chunk_bytes=self.chunk_bytes, stages=COMBINE_STAGES,
                     ready_off=READY_OFF, notify_off=NOTIFY_OFF, chunk_off=CHUNK_OFF, counts_off=COUNTS_OFF,
                     max_blocks=MAX_BLOCKS)
 
@@ -149,7 +149,8 @@ class IntranodeSpec(KernelSpec):
 # 12+20 353, 8+24 348.
 DISPATCH_WARPS = (12, 6)
 COMBINE_WARPS = (8, 24)
-COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 2 stages x 8 KB = 128 KB of shared memory
+COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 3 stages x 8 KB = 192 KB of shared memory
+COMBINE_STAGES = 3
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:

@@ -80,7 +80,7 @@ def test_deployment_specs_cover_every_ep_size():
 
 
 def test_combine_sender_stages_must_fit_shared_memory():
-    assert ik.combine_spec(2, 7168, 8, 24).dynamic_smem == 8 * 2 * 8192
-    assert ik.IntranodeSpec("combine", 2, 8, 8, "bf16", 24, 8, 24).dynamic_smem == 8 * 2 * 16   # one 16-byte row
+    assert ik.combine_spec(2, 7168, 8, 24).dynamic_smem == 8 * ik.COMBINE_STAGES * 8192
+    assert ik.IntranodeSpec("combine", 2, 8, 8, "bf16", 24, 8, 24).dynamic_smem == 8 * ik.COMBINE_STAGES * 16
     with pytest.raises(ValueError, match="shared memory"):
         ik.IntranodeSpec("combine", 2, 7168, 8, "bf16", 24, 16, 8)
