@@ -149,8 +149,8 @@ class IntranodeSpec(KernelSpec):
 # 12+20 353, 8+24 348.
 DISPATCH_WARPS = (12, 6)
 COMBINE_WARPS = (8, 24)
-COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 3 stages x 8 KB = 192 KB of shared memory
-COMBINE_STAGES = 3
+COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 2 stages x 8 KB = 128 KB of shared memory
+COMBINE_STAGES = 2   # 3 measured no faster (results/intranode_sweep_tma3.json)
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:
