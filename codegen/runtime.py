@@ -4,58 +4,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import compiler, jit
+from .launch import cuda_stream, current_stream_handle, kernel_args, launch_config, stream_handle
 
 
 class LaunchError(RuntimeError):
     pass
-
-
-class _StreamRef:
-    """Any CUDA stream handle seen through the __cuda_stream__ protocol."""
-
-    __slots__ = ("handle",)
-
-    def __init__(self, handle: int):
-        self.handle = handle
-
-    def __cuda_stream__(self):
-        return (0, self.handle)
-
-
-def _torch_stream_handle(stream) -> int:
-    import torch
-
-    if stream is None:
-        stream = torch.cuda.current_stream()
-    return int(stream.cuda_stream)
-
-
-def kernel_arg(value):
-    """Torch tensors pass their device pointer; numpy scalars pass as they are typed.
-
-    Plain Python ints and floats are refused: the C type must be stated (np.int32(...))."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return np.uint64(value.data_ptr())
-    if value is None:
-        return np.uint64(0)
-    if isinstance(value, np.generic):
-        return value
-    raise TypeError(f"kernel argument {value!r}: pass a torch.Tensor, None (null pointer) or a numpy scalar "
-                    "such as np.int32(x) / np.float32(x)")
-
-
-def _launch_config(grid, block, smem: int, cooperative: bool):
-    from cuda.core import LaunchConfig
-
-    try:
-        return LaunchConfig(grid=grid, block=block, shmem_size=smem, is_cooperative=cooperative)
-    except TypeError:  # cuda.core < 1.2 spells it cooperative_launch
-        return LaunchConfig(grid=grid, block=block, shmem_size=smem, cooperative_launch=cooperative)
 
 
 def _set_max_dynamic_smem(kernel, smem: int, device: int) -> None:
@@ -71,6 +25,17 @@ def _set_max_dynamic_smem(kernel, smem: int, device: int) -> None:
         raise LaunchError(f"could not allow {smem} bytes of dynamic shared memory: {err}")
 
 
+class _Entry:
+    """One entry point of a loaded module: its kernel handle, its name for errors, its smem limit."""
+
+    __slots__ = ("kernel", "name", "smem_allowed")
+
+    def __init__(self, kernel, name: str):
+        self.kernel = kernel
+        self.name = name
+        self.smem_allowed = 48 * 1024
+
+
 @dataclass
 class LoadedModule:
     """One spec's cubin loaded on one device."""
@@ -79,30 +44,39 @@ class LoadedModule:
     arch: str
     device: int
     object_code: object
-    _kernels: dict = field(default_factory=dict)
-    _smem_allowed: dict = field(default_factory=dict)
+    _entries: dict = field(default_factory=dict)
 
-    def kernel(self, entry: str = ""):
-        name = f"{self.spec.symbol}_{entry}" if entry else self.spec.symbol
-        k = self._kernels.get(name)
-        if k is None:
-            k = self._kernels[name] = self.object_code.get_kernel(name)
-        return k
-
-    def launch(self, entry: str, grid, block, *args, smem: int = 0, cooperative: bool = False, stream=None):
-        """Launch entry point `<symbol>_<entry>` (or `<symbol>` for entry '') on a torch stream."""
+    def __post_init__(self):
         from cuda.core import launch
 
-        k = self.kernel(entry)
-        name = f"{self.spec.symbol}_{entry}" if entry else self.spec.symbol
-        if smem > 48 * 1024 and self._smem_allowed.get(name, 0) < smem:
-            _set_max_dynamic_smem(k, smem, self.device)
-            self._smem_allowed[name] = smem
-        config = _launch_config(grid, block, smem, cooperative)
+        self._launch = launch
+
+    def entry(self, entry: str = "") -> _Entry:
+        """Entry point `<symbol>_<entry>` (or `<symbol>` for entry ''), looked up once."""
+        e = self._entries.get(entry)
+        if e is None:
+            name = f"{self.spec.symbol}_{entry}" if entry else self.spec.symbol
+            e = self._entries[entry] = _Entry(self.object_code.get_kernel(name), name)
+        return e
+
+    def kernel(self, entry: str = ""):
+        return self.entry(entry).kernel
+
+    def launch(self, entry: str, grid, block, *args, smem: int = 0, cooperative: bool = False, stream=None):
+        """Launch entry point `<symbol>_<entry>` (or `<symbol>` for entry '') on a stream: torch's
+        current stream on this module's device by default, else a torch stream, a raw handle or
+        any __cuda_stream__ object. Every per-call object is cached (see codegen/launch.py)."""
+        e = self._entries.get(entry) or self.entry(entry)
+        if smem > e.smem_allowed:
+            _set_max_dynamic_smem(e.kernel, smem, self.device)
+            e.smem_allowed = smem
+        config = launch_config(grid, block, smem, cooperative)
+        params = kernel_args(args)
+        handle = current_stream_handle(self.device) if stream is None else stream_handle(stream)
         try:
-            launch(_StreamRef(_torch_stream_handle(stream)), config, k, *(kernel_arg(a) for a in args))
+            self._launch(cuda_stream(handle), config, e.kernel, *params)
         except Exception as exc:
-            raise LaunchError(f"launching {name} (grid={grid}, block={block}, smem={smem}) failed: {exc}") from exc
+            raise LaunchError(f"launching {e.name} (grid={grid}, block={block}, smem={smem}) failed: {exc}") from exc
 
 
 _modules: dict = {}
