@@ -234,6 +234,13 @@ def _max_resident_blocks(device_index: int, threads: int) -> int:
     return props.multi_processor_count * per_sm
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec(hidden: int, group_size: int, dtype: str, scale_format: str, scale_layout: str) -> Fp8CastSpec:
+    """One spec object per call signature, so its validation runs once per shape, not per call."""
+    return Fp8CastSpec(hidden=hidden, group_size=group_size, dtype=dtype, scale_format=scale_format,
+                       scale_layout=scale_layout)
+
+
 def _grid(spec: Fp8CastSpec, num_tokens: int, device_index: int) -> int:
     chunks = num_tokens * (spec.hidden // 16)
     return max(1, min(-(-chunks // spec.threads), _max_resident_blocks(device_index, spec.threads)))
@@ -274,12 +281,11 @@ def per_token_cast_to_fp8(x: torch.Tensor, group_size: int = 128, round_scale: b
     if num_tokens == 0:
         return out, scales
     x = _vector_aligned(x)
-    spec = Fp8CastSpec(hidden=hidden, group_size=group_size, dtype=_NAMES[x.dtype], scale_format=scale_format,
-                       scale_layout=scale_layout)
-    device = x.device.index
+    spec = _spec(hidden, group_size, _NAMES[x.dtype], scale_format, scale_layout)
+    device = x.get_device()
     module = get_module(spec, device)
     module.launch("cast", _grid(spec, num_tokens, device), spec.threads, x, np.int64(x.stride(0)),
-                  np.int32(num_tokens), out, scales, np.int32(ld), stream=torch.cuda.current_stream(device))
+                  np.int32(num_tokens), out, scales, np.int32(ld))
     return out, scales
 
 
@@ -306,12 +312,11 @@ def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, out_dtype=tor
     if num_tokens == 0:
         return out
     x_fp8 = _vector_aligned(x_fp8)
-    spec = Fp8CastSpec(hidden=hidden, group_size=group_size, dtype=_NAMES[out_dtype],
-                       scale_format="ue8m0" if ue8m0 else "fp32", scale_layout=layout)
-    device = x_fp8.device.index
+    spec = _spec(hidden, group_size, _NAMES[out_dtype], "ue8m0" if ue8m0 else "fp32", layout)
+    device = x_fp8.get_device()
     module = get_module(spec, device)
     module.launch("cast_back", _grid(spec, num_tokens, device), spec.threads, x_fp8, np.int64(x_fp8.stride(0)),
-                  np.int32(num_tokens), scales, np.int32(ld), out, stream=torch.cuda.current_stream(device))
+                  np.int32(num_tokens), scales, np.int32(ld), out)
     return out
 
 

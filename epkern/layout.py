@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
 
 from epkern.codegen import KernelSpec, check_int, get_module
+from epkern.codegen.launch import current_stream_handle
 from epkern.codegen.scratch import SelfResettingZeros
 
 from .validate import check_positive_int, check_range, check_tensor
@@ -38,6 +40,12 @@ class LayoutSpec(KernelSpec):
 
     def name_fields(self) -> str:
         return f"e{self.num_experts}_r{self.num_ranks}_k{self.num_topk}"
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(num_experts: int, num_ranks: int, num_topk: int) -> LayoutSpec:
+    """One spec object per call signature, so its validation runs once per shape, not per call."""
+    return LayoutSpec(num_experts=num_experts, num_ranks=num_ranks, num_topk=num_topk)
 
 
 def _check_layout_args(topk_idx, num_experts: int, num_ranks: int) -> None:
@@ -112,14 +120,14 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     _check_layout_args(topk_idx, num_experts, num_ranks)
     if not topk_idx.is_cuda:
         return layout_reference(topk_idx.contiguous(), num_experts, num_ranks)
-    spec = LayoutSpec(num_experts=num_experts, num_ranks=num_ranks, num_topk=topk_idx.shape[1])
+    num_tokens, num_topk = topk_idx.shape
+    spec = _spec(num_experts, num_ranks, num_topk)
     device = topk_idx.device
-    num_tokens = topk_idx.shape[0]
     per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
     per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
     in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
-    stream = torch.cuda.current_stream(device)
-    ws = _Workspace.get(spec, device, stream.cuda_stream)
+    stream = current_stream_handle(device.index)
+    ws = _Workspace.get(spec, device, stream)
     grid = max(1, min(MAX_BLOCKS, -(-num_tokens // spec.threads)))
     module = get_module(spec, device.index)
     module.launch("", grid, spec.threads, topk_idx, np.int32(num_tokens), per_rank, per_expert, in_rank,

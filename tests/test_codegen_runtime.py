@@ -1,0 +1,130 @@
+"""The per-call launch path without a GPU: what is cached, what is converted, what still raises."""
+import numpy as np
+import pytest
+import torch
+
+from epkern import fp8, layout
+from epkern.codegen import LaunchError, launch, runtime
+from epkern.codegen.runtime import LoadedModule
+
+
+class _FakeCode:
+    """Stands in for cuda.core ObjectCode: counts kernel look-ups."""
+
+    def __init__(self):
+        self.lookups = []
+
+    def get_kernel(self, name):
+        self.lookups.append(name)
+        return f"kernel:{name}"
+
+
+def _module(monkeypatch, calls, fail=None):
+    module = LoadedModule(fp8._spec(7168, 128, "bf16", "fp32", "row"), "sm_90a", 0, _FakeCode())
+
+    def fake_launch(stream, config, kernel, *args):
+        if fail:
+            raise RuntimeError(fail)
+        calls.append((stream, config, kernel, args))
+
+    module._launch = fake_launch
+    monkeypatch.setattr(runtime, "current_stream_handle", lambda device: 0x1234)
+    return module
+
+
+def test_launch_config_is_cached():
+    a = launch.launch_config(132, 256, 0, False)
+    assert launch.launch_config(132, 256, 0, False) is a
+    assert launch.launch_config(133, 256, 0, False) is not a
+    assert launch.launch_config((2, 3, 1), (64, 2, 1), 1024, False).shmem_size == 1024  # cooperative asks the driver
+
+
+def test_cuda_stream_is_cached_per_handle():
+    s = launch.cuda_stream(0xBEEF)
+    assert launch.cuda_stream(0xBEEF) is s
+    assert s.__cuda_stream__() == (0, 0xBEEF)
+    assert launch.cuda_stream(0xBEF0) is not s
+
+
+def test_stream_handle_accepts_ints_and_protocol_objects():
+    class Proto:
+        def __cuda_stream__(self):
+            return (0, 77)
+
+    class TorchLike:
+        cuda_stream = 55
+
+    assert launch.stream_handle(12) == 12
+    assert launch.stream_handle(Proto()) == 77
+    assert launch.stream_handle(TorchLike()) == 55
+
+
+def test_kernel_args_convert_tensors_none_and_numpy_scalars():
+    t = torch.zeros(4)
+    got = launch.kernel_args((t, None, np.int32(3), np.int64(4), np.float32(0.5), torch.nn.Parameter(t)))
+    assert got[0] == t.data_ptr() and type(got[0]) is int
+    assert got[1] == 0
+    assert [type(v) for v in got[2:5]] == [np.int32, np.int64, np.float32]
+    assert got[5] == t.data_ptr()
+
+
+@pytest.mark.parametrize("bad", [3, 2.5, True, "x"])
+def test_kernel_args_refuse_untyped_scalars(bad):
+    with pytest.raises(TypeError, match="numpy scalar"):
+        launch.kernel_args((bad,))
+
+
+def test_module_looks_each_entry_up_once(monkeypatch):
+    calls = []
+    module = _module(monkeypatch, calls)
+    for _ in range(3):
+        module.launch("cast", 4, 256, torch.zeros(2), np.int32(1))
+    assert module.object_code.lookups == [f"{module.spec.symbol}_cast"]
+    streams = {id(c[0]) for c in calls}
+    configs = {id(c[1]) for c in calls}
+    assert len(streams) == 1 and len(configs) == 1
+    assert calls[0][0].__cuda_stream__() == (0, 0x1234)
+    assert calls[0][2] == f"kernel:{module.spec.symbol}_cast"
+
+
+def test_explicit_stream_is_used(monkeypatch):
+    calls = []
+    module = _module(monkeypatch, calls)
+    module.launch("cast", 1, 32, stream=0x99)
+    assert calls[0][0].__cuda_stream__() == (0, 0x99)
+
+
+def test_launch_error_names_the_kernel(monkeypatch):
+    module = _module(monkeypatch, [], fail="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(LaunchError, match=rf"{module.spec.symbol}_cast \(grid=7, block=256, smem=0\).*INVALID"):
+        module.launch("cast", 7, 256, np.int32(1))
+
+
+def test_bad_argument_raises_before_launch(monkeypatch):
+    calls = []
+    module = _module(monkeypatch, calls)
+    with pytest.raises(TypeError, match="numpy scalar"):
+        module.launch("cast", 1, 32, 5)
+    assert calls == []
+
+
+def test_large_smem_is_allowed_once(monkeypatch):
+    allowed = []
+    monkeypatch.setattr(runtime, "_set_max_dynamic_smem", lambda kernel, smem, device: allowed.append(smem))
+    module = _module(monkeypatch, [])
+    for smem in (1024, 64 * 1024, 64 * 1024, 32 * 1024, 100 * 1024):
+        module.launch("cast", 1, 32, smem=smem)
+    assert allowed == [64 * 1024, 100 * 1024]
+
+
+def test_specs_are_memoized_per_signature():
+    assert fp8._spec(7168, 128, "bf16", "fp32", "col") is fp8._spec(7168, 128, "bf16", "fp32", "col")
+    assert fp8._spec(7168, 128, "bf16", "fp32", "col") == fp8.Fp8CastSpec(hidden=7168, scale_layout="col")
+    assert layout._spec(256, 8, 8) is layout._spec(256, 8, 8)
+
+
+def test_memoized_spec_still_validates():
+    with pytest.raises(ValueError, match="hidden"):
+        fp8._spec(100, 128, "bf16", "fp32", "row")
+    with pytest.raises(ValueError, match="num_experts"):
+        layout._spec(255, 8, 8)
