@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,13 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
+    return _parse_bool(name, os.environ.get(name), default)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_bool(name: str, raw: str | None, default: bool) -> bool:
+    """Parsed once per raw value: EPKERN_CHECK_VALUES is read on every eager call (bad values are
+    not cached, so they raise every time)."""
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()

@@ -110,9 +110,9 @@ def _check_size(name: str, num_tokens: int, hidden: int) -> None:
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:
-    if t.device.type not in ("cuda", "cpu"):
+    if not t.is_cuda and t.device.type != "cpu":
         raise ValueError(f"{name}: on {t.device}; expected a CUDA tensor (kernel) or a CPU tensor (reference)")
-    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+    if t.dim() == 2 and t.stride()[1] != 1 and t.shape[1] > 1:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
