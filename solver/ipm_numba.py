@@ -12,7 +12,8 @@ block leaves M dy = rhs with the G x G matrix
 
     M = theta_t * 1 1^T + diag(theta_s) + sum_j theta_j w_j^2 (e_g - e_o)(e_g - e_o)^T
 
-(a weighted graph Laplacian plus a diagonal plus a rank-one term), factored by Cholesky.
+(a weighted graph Laplacian plus a diagonal plus a rank-one term), inverted by Beaton's sweep
+(each lane of the kernel keeps one row; both solves of an iteration are then one product).
 The GPU kernel runs the same iteration with one lane per rank; see templates/lplb_ipm.cu.j2.
 """
 from __future__ import annotations
@@ -46,53 +47,80 @@ def _apply_a(w, r2o, xp):
 
 
 @numba.njit(cache=True)
-def _cholesky(m):
-    """In-place lower Cholesky of the G x G matrix m; False on a non-positive pivot."""
+def _sweep(m):
+    """In place, m becomes -M^-1 by Beaton's sweep on every pivot (symmetric at every step, so the
+    kernel's lane i keeps row i and reads column k as row k); False on a non-positive pivot."""
     G = m.shape[0]
     for k in range(G):
-        piv = m[k, k]
+        col = m[:, k].copy()
+        piv = col[k]
         if not (piv > 0.0) or not np.isfinite(piv):
             return False
-        piv = np.sqrt(piv)
-        m[k, k] = piv
-        for i in range(k + 1, G):
-            m[i, k] /= piv
-        for i in range(k + 1, G):
-            lik = m[i, k]
-            for j in range(k + 1, i + 1):
-                m[i, j] -= lik * m[j, k]
+        inv = 1.0 / piv
+        for i in range(G):
+            if i == k:
+                m[i, :] = col * inv
+                m[i, k] = -inv
+            else:
+                f = m[i, k] * inv
+                m[i, :] -= f * col
+                m[i, k] = f
     return True
 
 
 @numba.njit(cache=True)
-def _chol_solve(l, rhs):
-    G = l.shape[0]
-    z = rhs.copy()
-    for k in range(G):           # forward: L z = rhs
-        z[k] /= l[k, k]
-        for i in range(k + 1, G):
-            z[i] -= l[i, k] * z[k]
-    for k in range(G - 1, -1, -1):  # backward: L^T dy = z
-        z[k] /= l[k, k]
-        for i in range(k):
-            z[i] -= l[k, i] * z[k]
-    return z
+def _swept_product(neg_inv, rhs):
+    """-neg_inv @ rhs, i.e. M^-1 rhs for neg_inv = -M^-1 from _sweep."""
+    G = neg_inv.shape[0]
+    out = np.empty(G)
+    for i in range(G):
+        acc = 0.0
+        for j in range(G):
+            acc -= neg_inv[i, j] * rhs[j]
+        out[i] = acc
+    return out
 
 
 @numba.njit(cache=True)
-def _direction(w, r2o, o2r, l, p, v, zp, up, t, zt, s, zs, thp, tht, ths,
+def _apply_m(r2o, o2r, c, tht, ths, x):
+    """M x from M's structure: (M x)[i] = tht sum(x) + ths[i] x[i] + sum_d c[i, d] (x[i] - x[o2r[i, d]])
+    + sum_d c[r2o[i, d], d] (x[i] - x[r2o[i, d]]), with c = theta_p w^2."""
+    G, D = c.shape
+    out = np.empty(G)
+    total = x.sum()
+    for i in range(G):
+        acc = tht * total + ths[i] * x[i]
+        for d in range(D):
+            o, r = o2r[i, d], r2o[i, d]
+            acc += c[i, d] * (x[i] - x[o]) + c[r, d] * (x[i] - x[r])
+        out[i] = acc
+    return out
+
+
+@numba.njit(cache=True)
+def _swept_solve(neg_inv, r2o, o2r, c, tht, ths, rhs):
+    """M dy = rhs through the explicit inverse plus one step of iterative refinement: a product
+    with an inverse is not backward stable when M is ill-conditioned (late iterations), the
+    refined solution is (it matches a Cholesky solve's convergence)."""
+    dy = _swept_product(neg_inv, rhs)
+    return dy + _swept_product(neg_inv, rhs - _apply_m(r2o, o2r, c, tht, ths, dy))
+
+
+@numba.njit(cache=True)
+def _direction(w, r2o, o2r, neg_inv, ip, iv, it_, is_, zp, up, zt, zs, thp, tht, ths,
                rb, ru, rcp, rct, rcs, rxp, rvp, rxt, rxs):
-    """Newton direction for complementarity targets rxp (p*zp), rvp (v*up), rxt, rxs."""
+    """Newton direction for complementarity targets rxp (p*zp), rvp (v*up), rxt, rxs; ip, iv, it_,
+    is_ are the reciprocals of p, v, t, s (the kernel multiplies by them instead of dividing)."""
     G, D = w.shape
     # eliminate the bound and slack blocks: rhat = rc - X^-1 rxz + V^-1 (rvw - W ru)
-    rhp = rcp - rxp / p + (rvp - up * ru) / v
-    rht = rct - rxt / t
-    rhs_s = rcs - rxs / s
+    rhp = rcp - rxp * ip + (rvp - up * ru) * iv
+    rht = rct - rxt * it_
+    rhs_s = rcs - rxs * is_
     gp = thp * rhp
     gt = tht * rht
     gs = ths * rhs_s
     rhs = rb + gt - gs + _apply_a(w, r2o, gp)
-    dy = _chol_solve(l, rhs)
+    dy = _swept_solve(neg_inv, r2o, o2r, thp * w * w, tht, ths, rhs)
     # back-substitute: dx = Theta (A^T dy - rhat), then the duals
     dp = np.empty((G, D))
     for g in range(G):
@@ -101,29 +129,35 @@ def _direction(w, r2o, o2r, l, p, v, zp, up, t, zt, s, zs, thp, tht, ths,
             dp[g, d] = thp[g, d] * (w[g, d] * (dy[o] - dy[g]) - rhp[g, d])
     dt = tht * (dy.sum() - rht)
     ds = ths * (-dy - rhs_s)
-    dzp = (rxp - zp * dp) / p
-    dzt = (rxt - zt * dt) / t
-    dzs = (rxs - zs * ds) / s
+    dzp = (rxp - zp * dp) * ip
+    dzt = (rxt - zt * dt) * it_
+    dzs = (rxs - zs * ds) * is_
     dv = ru - dp
-    dup = (rvp - up * dv) / v
+    dup = (rvp - up * dv) * iv
     return dp, dv, dt, ds, dy, dzp, dup, dzt, dzs
+
+
+@numba.njit(cache=True)
+def _ratio(x, dx):
+    """-x / dx in fp32 for dx < 0, else 1: a step length needs no more (it is damped anyway),
+    and the kernel's fp32 quotients are independent of one another instead of a chain of fp64 divisions."""
+    return np.float32(x) / np.float32(-dx) if dx < 0.0 else np.float32(1.0)
 
 
 @numba.njit(cache=True)
 def _max_step(x, dx):
     """Largest alpha <= 1 keeping x + alpha dx >= 0 (elementwise over a flat view)."""
-    a = 1.0
+    a = np.float32(1.0)
     xf = x.ravel()
     df = dx.ravel()
     for i in range(xf.size):
-        if df[i] < 0.0:
-            a = min(a, -xf[i] / df[i])
-    return a
+        a = min(a, _ratio(xf[i], df[i]))
+    return float(a)
 
 
 @numba.njit(cache=True)
 def _max_step1(x, dx):
-    return min(1.0, -x / dx) if dx < 0.0 else 1.0
+    return float(min(np.float32(1.0), _ratio(x, dx)))
 
 
 @numba.njit(cache=True)
@@ -172,10 +206,11 @@ def solve_group(w, q, r2o, o2r, max_iterations, tolerance):
         if it >= max_iterations:
             break
         it += 1
-        # normal matrix M = A Theta A^T and its Cholesky factor
-        thp = 1.0 / (zp / p + up / v)
-        tht = t / zt
-        ths = s / zs
+        # normal matrix M = A Theta A^T, swept into -M^-1
+        ip, iv, it_, is_ = 1.0 / p, 1.0 / v, 1.0 / t, 1.0 / s
+        thp = 1.0 / (zp * ip + up * iv)
+        tht = t * (1.0 / zt)
+        ths = s * (1.0 / zs)
         for i in range(G):
             for j in range(G):
                 m[i, j] = tht
@@ -188,12 +223,12 @@ def solve_group(w, q, r2o, o2r, max_iterations, tolerance):
                 m[o, o] += c
                 m[g, o] -= c
                 m[o, g] -= c
-        if not _cholesky(m):
+        if not _sweep(m):
             status = STATUS_NUMERICAL
             break
         # predictor (affine scaling) direction
         dp, dv, dt, ds, dy, dzp, dup, dzt, dzs = _direction(
-            w, r2o, o2r, m, p, v, zp, up, t, zt, s, zs, thp, tht, ths, rb, ru, rcp, rct, rcs,
+            w, r2o, o2r, m, ip, iv, it_, is_, zp, up, zt, zs, thp, tht, ths, rb, ru, rcp, rct, rcs,
             -p * zp, -v * up, -t * zt, -s * zs)
         ap = min(_max_step(p, dp), _max_step(v, dv), _max_step1(t, dt), _max_step(s, ds))
         ad = min(_max_step(zp, dzp), _max_step(up, dup), _max_step1(zt, dzt), _max_step(zs, dzs))
@@ -203,7 +238,7 @@ def solve_group(w, q, r2o, o2r, max_iterations, tolerance):
         smu = sigma * mu
         # corrector: centring plus the second-order term of the predictor
         dp, dv, dt, ds, dy, dzp, dup, dzt, dzs = _direction(
-            w, r2o, o2r, m, p, v, zp, up, t, zt, s, zs, thp, tht, ths, rb, ru, rcp, rct, rcs,
+            w, r2o, o2r, m, ip, iv, it_, is_, zp, up, zt, zs, thp, tht, ths, rb, ru, rcp, rct, rcs,
             smu - p * zp - dp * dzp, smu - v * up - dv * dup, smu - t * zt - dt * dzt, smu - s * zs - ds * dzs)
         ap = min(1.0, STEP_FACTOR * min(_max_step(p, dp), _max_step(v, dv), _max_step1(t, dt), _max_step(s, ds)))
         ad = min(1.0, STEP_FACTOR * min(_max_step(zp, dzp), _max_step(up, dup), _max_step1(zt, dzt),
