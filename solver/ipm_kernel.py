@@ -1,4 +1,5 @@
-"""GPU interior-point solve of the balancing LP: one warp per group of ranks (templates/lplb_ipm.cu.j2)."""
+"""GPU interior-point solve of the balancing LP: one block per group of ranks, one warp solving
+(templates/lplb_ipm.cu.j2)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,8 @@ from epkern.codegen import KernelSpec, check_int, get_module
 
 from .ipm_numba import MAX_ITERATIONS, STEP_FACTOR, TOLERANCE
 from .topologies import MAX_DUPS, MAX_GROUP_SIZE
+
+THREADS = 128  # per block: every warp gathers the group's token counts, warp 0 then solves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,7 @@ class IpmSpec(KernelSpec):
     def template_vars(self):
         return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
                     max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
-                    step_factor=repr(STEP_FACTOR))
+                    step_factor=repr(STEP_FACTOR), threads=THREADS)
 
     def name_fields(self) -> str:
         return f"g{self.group_size}_d{self.dups}_c{self.combined}"
@@ -67,7 +70,7 @@ def solve_cuda(spec: IpmSpec, workload: torch.Tensor, phy2log: torch.Tensor, r2o
     stats = torch.empty(n_group, 2, dtype=torch.int32, device=device)
     objective = torch.empty(n_group, dtype=torch.float32, device=device)
     module = get_module(spec, device.index)
-    module.launch("", n_group, 32, workload, np.int32(n_logical), phy2log, np.int32(n_fixed), r2o, o2r,
+    module.launch("", n_group, THREADS, workload, np.int32(n_logical), phy2log, np.int32(n_fixed), r2o, o2r,
                   prev_probs, probs, global_workload, avail_counter, stats, objective,
                   stream=torch.cuda.current_stream(device))
     return IpmResult(probs, global_workload, stats[:, 0], stats[:, 1], objective)
