@@ -7,8 +7,9 @@ over CUDA-graph replays (benchmarks.harness, graph=True); the send and receive h
 are kernel durations from the profiler, the receive kernel launched after a large GEMM as in
 DeepEP's own test, so it finds the data already there. Rank 0 writes benchmarks/results/low_latency.json.
 
-Floor: about half of a rank's (token, expert) copies cross NVLink at EP=2; bytes over the
-measured one-direction NVLink copy rate (393 GB/s, REFERENCE.md) give the floor rows.
+Floor: one message per (token, other rank holding one of its experts) crosses NVLink (nearly every
+token at EP=2, top-8); those bytes over the measured one-direction NVLink copy rate (393 GB/s,
+REFERENCE.md) give the floor rows. DeepEP sends one message per (token, expert): "remote_copies".
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
 def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sms: int, name: str):
     from benchmarks.harness import Bench
     from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
+    from epkern.low_latency_kernels import LowLatencySpec
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -76,13 +78,16 @@ def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sm
                            num_sms=num_sms)
     bench = Bench(name, warmup=20, repeats=200)
     L = E // num_ranks
-    fp8_msg = H + 16 + 4 * (H // 128)
+    fp8_msg = LowLatencySpec("fp8", H, num_ranks, E, K).message_bytes
     for tokens in tokens_list:
         x, topk_idx, weights = _inputs(rank, tokens)
         recv, count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True)
         gemm_x = torch.randn(L, num_ranks * M, H, device="cuda").to(torch.bfloat16)
         remote = int(((topk_idx >= 0) & (topk_idx // L != rank)).sum())
         copies = int((topk_idx >= 0).sum())
+        on_rank = torch.zeros(tokens, num_ranks, dtype=torch.bool, device="cuda")
+        on_rank.scatter_(1, (topk_idx // L).clamp(min=0), topk_idx >= 0)
+        remote_messages = int(on_rank.sum()) - int(on_rank[:, rank].sum())
         cfg = {"tokens": tokens, "max_tokens": M, "hidden": H, "experts": E, "topk": K, "ranks": num_ranks,
                "num_sms": num_sms}
         dist.barrier()
@@ -97,9 +102,11 @@ def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sm
 
         timings["dispatch+combine"] = bench.time(both, [None], graph=True)
         halves = _kernel_times(buf, x, topk_idx, weights, gemm_x)
-        floors = {"dispatch": remote * fp8_msg / NVLINK_ONE_WAY * 1e6, "combine": remote * 2 * H / NVLINK_ONE_WAY * 1e6}
+        floors = {"dispatch": remote_messages * fp8_msg / NVLINK_ONE_WAY * 1e6,
+                  "combine": remote_messages * 2 * H / NVLINK_ONE_WAY * 1e6}
         for name, t in timings.items():
-            extra = {"deepep_us_128_tokens": DEEPEP.get(name), "rank": rank, "copies": copies, "remote_copies": remote}
+            extra = {"deepep_us_128_tokens": DEEPEP.get(name), "rank": rank, "copies": copies, "remote_copies": remote,
+                     "remote_messages": remote_messages}
             if name in floors:
                 extra["nvlink_floor_us"] = floors[name]
             bench.record(f"{name} T={tokens}", cfg, t, extra=extra)

@@ -1,17 +1,21 @@
 """Low-latency dispatch / combine for decoding, over NVLink peer memory, with DeepEP's API.
 
-`LowLatencyBuffer(group, num_bytes)` maps one peer buffer per rank into every rank. Dispatch
-writes each (token, expert) copy straight into the receiver's staging slot
-[local expert][source rank][slot] (FP8-cast on the fly), then publishes per-(expert, source)
-counts with release stores; the receive kernel waits on those flags (with a deadline) and lays
-the rows out in recv_x, first by source rank, then by token order at the source. Combine sends
-every expert output row back to its source rank, which sums the top-k rows with their weights.
+`LowLatencyBuffer(group, num_bytes)` maps one peer buffer per rank into every rank. Every
+NVLink transfer is one per (token, rank), not one per (token, expert): dispatch writes each token
+once (FP8-cast on the fly) into slot [source rank][token] of every rank holding one of its
+experts, then publishes per-expert counts and a flag with release stores; the receive kernel
+waits on the flags (with a deadline) and fans each token out to its local experts' rows of
+recv_x, first by source rank, then by token order at the source. Combine reduces on the expert
+side: each rank sums a token's rows on its experts with the top-k weights (which every rank copies
+to the others when combine starts) and sends one partial row back; the source rank adds the
+partial rows (fp32) and rounds once more to bf16.
 
 Two buffers alternate (dispatch and combine each flip), so at most two results may be alive.
 No host synchronization on any path; the token count and M are run-time kernel arguments, so
-CUDA-graph capture works and changing them compiles nothing. SMs used: dispatch send
-min(T, num_sms), dispatch receive min(E/R, num_sms), combine send min(E/R, num_sms), combine
-receive min(T, num_sms) blocks of 512 threads, one block per SM (num_sms defaults to 132).
+CUDA-graph capture works and changing them compiles nothing. SMs used: dispatch send and combine
+receive min(T, num_sms), dispatch receive and combine send num_sms blocks of 512 threads, one
+block per SM (num_sms defaults to 132). The combine send kernel waits for every rank's weights:
+it returns once every rank has started its combine (the ranks run the same schedule).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
                                    num_experts: int) -> int:
     """Bytes of peer buffer per rank for low-latency mode (DeepEP's name; it sizes our NVLink buffer).
 
-    = 256 + 2 x (8E rounded to 128 + E*M*(16 + 2H) + E*M*2H), each region rounded up to 128 bytes.
+    = 256 + 2 x (12R + 4E + 128*R*M + R*M*(256 + 2H) + E*M*2H), each term rounded up to 128 bytes:
+    flags, counts, top-k weights, one receive slot per (rank, token), the zero-copy combine rows.
     """
     return size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
@@ -77,13 +82,14 @@ class LowLatencyBuffer:
         self.peer = PeerBuffer(group, self.num_bytes)
         self.device = self.peer.device
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
-        self.tickets = torch.zeros(4, dtype=torch.int32, device=self.device)  # [dispatch send, combine recv] x 2
+        # last-block tickets: [dispatch send, dispatch recv, combine send, combine recv] per buffer
+        self.tickets = torch.zeros(8, dtype=torch.int32, device=self.device)
         self.barrier_epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.buffer_idx = 0
 
     # -- helpers -------------------------------------------------------------------------------------
     def _layout(self, max_tokens: int, hidden: int, num_experts: int) -> BufferLayout:
-        layout = BufferLayout(max_tokens, hidden, num_experts)
+        layout = BufferLayout(max_tokens, hidden, self.num_ranks, num_experts)
         if layout.total_bytes > self.num_bytes:
             raise ValueError(
                 f"low-latency buffer too small: M={max_tokens}, hidden={hidden}, experts={num_experts} need "
@@ -126,8 +132,10 @@ class LowLatencyBuffer:
         use_ue8m0, int32 [L, R*M, ceil(H/512)] (4 UE8M0 bytes each); the scales' last two dimensions are
         column-major. Only the first recv_count[l] rows of expert l are valid, ordered by source rank,
         then by token index at the source. handle = (src_info [L, R*M] int32, layout_range [L, R] int64
-        = (begin << 32) | count, M, H, E). dispatch_wait_recv_cost_stats ([R] int64) accumulates the
-        nanoseconds spent waiting for each source rank.
+        = (begin << 32) | count, M, H, E, token_rows [R, M, K] int32, recv_tokens [R] int32): DeepEP's
+        five fields, then where each received token's copies went (for combine).
+        dispatch_wait_recv_cost_stats ([R] int64) accumulates the nanoseconds spent waiting for each
+        source rank.
         """
         M = num_max_dispatch_tokens_per_rank
         check_positive_int("num_max_dispatch_tokens_per_rank", M)
@@ -158,27 +166,30 @@ class LowLatencyBuffer:
         recv_count = torch.empty(L, dtype=torch.int32, device=dev)
         src_info = torch.empty(L, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
+        token_rows = torch.empty(R, M, topk_idx.shape[1], dtype=torch.int32, device=dev)
+        recv_tokens = torch.empty(R, dtype=torch.int32, device=dev)
 
         module = get_module(spec, dev.index)
         peer = self.peer
+        flags, counts, recv = np.int64(layout.flags(idx)), np.int64(layout.counts(idx)), np.int64(layout.recv(idx))
         module.launch("send", max(1, min(num_tokens, self.num_sms)), spec.threads, x, topk_idx,
-                      np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table,
-                      np.int64(layout.recv(idx)), np.int64(layout.dispatch_flags(idx)), self.mask,
-                      self.tickets[2 * idx:], smem=spec.send_smem)
+                      np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, counts, recv,
+                      self.mask, self.tickets[4 * idx:], smem=spec.send_smem)
 
         def recv_hook():
-            module.launch("recv", min(L, self.num_sms), spec.threads, recv_x, recv_scales, recv_count, src_info,
-                          layout_range, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
-                          np.int32(M), np.int32(self.rank), _np_ptr(peer.local_ptr),
-                          np.int64(layout.recv(idx)), np.int64(layout.dispatch_flags(idx)), self.mask,
-                          self.timeout_ns)
+            module.launch("recv", self.num_sms, spec.threads, recv_x, recv_scales, recv_count, src_info,
+                          layout_range, token_rows, recv_tokens, cumulative_local_expert_recv_stats,
+                          dispatch_wait_recv_cost_stats, np.int32(M), np.int32(self.rank),
+                          _np_ptr(peer.local_ptr), flags, counts, recv, self.mask, self.timeout_ns,
+                          self.tickets[4 * idx + 1:], smem=spec.recv_smem)
 
         hook = recv_hook if return_recv_hook else None
         if not return_recv_hook:
             recv_hook()
-        handle = (src_info, layout_range, M, hidden, num_experts)
+        handle = (src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, recv_x, recv_scales, recv_count, src_info,
-                                                   layout_range)) if async_finish else EventOverlap()
+                                                   layout_range, token_rows, recv_tokens)) \
+            if async_finish else EventOverlap()
         packed = (recv_x, recv_scales) if use_fp8 else recv_x
         return packed, recv_count, handle, event, hook
 
@@ -187,19 +198,24 @@ class LowLatencyBuffer:
                             use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out: torch.Tensor | None = None,
                             combine_wait_recv_cost_stats: torch.Tensor | None = None):
-        """Return each expert row to its source rank and reduce: combined_x[t] = sum_k w[t,k] * row(t, k).
+        """Reduce the expert rows back to their tokens: combined_x[t] = sum_k w[t,k] * row(t, k).
 
-        x: bf16 [L, R*M, H] (ignored with zero_copy: the rows were written into
-        get_next_low_latency_combine_buffer(handle)). Returns (combined_x [T, H] bf16, event, hook).
+        Each rank sums a token's rows on its own experts (fp32, rounded to bf16) and sends that one
+        partial row back; the token's rank adds the partial rows in fp32 and rounds to bf16 (two
+        roundings, as in normal-mode combine). x: bf16 [L, R*M, H] (ignored with zero_copy: the rows
+        were written into get_next_low_latency_combine_buffer(handle)). topk_idx and topk_weights
+        must be those of the dispatch that made the handle. Returns (combined_x [T, H] bf16, event, hook).
         """
         if use_logfmt:
             raise ValueError("use_logfmt=True is not supported: combine sends bf16 rows over NVLink")
-        src_info, layout_range, M, hidden, num_experts = self._check_handle(handle)
+        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens = self._check_handle(handle)
         L, R = num_experts // self.num_ranks, self.num_ranks
         if not zero_copy:
             check_tensor("x", x, dtype=torch.bfloat16, shape=(L, R * M, hidden), ndim=3, device=self.device)
         self._check_topk(topk_idx, None, num_experts, M)
         num_tokens, num_topk = topk_idx.shape
+        if token_rows.shape[2] != num_topk:
+            raise ValueError(f"topk_idx: {num_topk} columns, the dispatch that made the handle had {token_rows.shape[2]}")
         check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), ndim=2,
                      device=self.device)
         if out is not None:
@@ -215,41 +231,45 @@ class LowLatencyBuffer:
 
         module = get_module(spec, self.device.index)
         peer = self.peer
-        module.launch("send", min(L, self.num_sms), spec.threads, source, src_info, layout_range, np.int32(M),
-                      np.int32(self.rank), peer.ptr_table, np.int64(layout.recv(idx)),
-                      np.int64(layout.combine_flags(idx)), self.mask)
+        flags, recv = np.int64(layout.flags(idx)), np.int64(layout.recv(idx))
+        module.launch("send", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
+                      np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags,
+                      np.int64(layout.weights(idx)), recv, self.mask, self.timeout_ns, self.tickets[4 * idx + 2:])
 
         def recv_hook():
-            module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx, topk_weights,
-                          np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), np.int64(layout.recv(idx)),
-                          np.int64(layout.combine_flags(idx)), self.mask, self.timeout_ns,
-                          self.tickets[2 * idx + 1:], combine_wait_recv_cost_stats)
+            module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx,
+                          np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), flags, recv, self.mask,
+                          self.timeout_ns, self.tickets[4 * idx + 3:], combine_wait_recv_cost_stats)
 
         hook = recv_hook if return_recv_hook else None
         if not return_recv_hook:
             recv_hook()
-        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, src_info, layout_range, combined)) \
+        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, recv_tokens, combined)) \
             if async_finish else EventOverlap()
         return combined, event, hook
 
     def _check_handle(self, handle):
-        if not isinstance(handle, tuple) or len(handle) != 5:
-            raise ValueError("handle: expected the 5-tuple (src_info, layout_range, M, hidden, num_experts) "
-                             "returned by low_latency_dispatch")
-        src_info, layout_range, M, hidden, num_experts = handle
+        if not isinstance(handle, tuple) or len(handle) != 7:
+            raise ValueError("handle: expected the 7-tuple (src_info, layout_range, M, hidden, num_experts, "
+                             "token_rows, recv_tokens) returned by low_latency_dispatch")
+        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens = handle
         check_positive_int("handle M", M)
         self._check_experts(num_experts)
         L, R = num_experts // self.num_ranks, self.num_ranks
         check_tensor("handle src_info", src_info, dtype=torch.int32, shape=(L, R * M), ndim=2, device=self.device)
         check_tensor("handle layout_range", layout_range, dtype=torch.int64, shape=(L, R), ndim=2, device=self.device)
-        return src_info, layout_range, M, hidden, num_experts
+        check_tensor("handle token_rows", token_rows, dtype=torch.int32, ndim=3, device=self.device)
+        if token_rows.shape[:2] != (R, M):
+            raise ValueError(f"handle token_rows: shape {tuple(token_rows.shape)}, expected ({R}, {M}, K)")
+        check_tensor("handle recv_tokens", recv_tokens, dtype=torch.int32, shape=(R,), ndim=1, device=self.device)
+        return src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens
 
     def _send_region(self, layout: BufferLayout, idx: int, L: int, rows: int, hidden: int) -> torch.Tensor:
         return self.peer.view(self.rank, layout.send(idx), (L, rows, hidden), torch.bfloat16)
 
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
         """The bf16 [L, R*M, H] send buffer the next combine reads when called with zero_copy=True."""
-        _, _, M, hidden, num_experts = self._check_handle(handle)
+        _, _, M, hidden, num_experts, _, _ = self._check_handle(handle)
         layout = self._layout(M, hidden, num_experts)
         return self._send_region(layout, self.buffer_idx, num_experts // self.num_ranks, self.num_ranks * M, hidden)
 
@@ -270,7 +290,7 @@ class LowLatencyBuffer:
         layout = self._layout(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._barrier(hidden, num_experts)
         for idx in (0, 1):
-            self.peer.view(self.rank, layout.dispatch_flags(idx), (2 * layout.flags_bytes // 4,), torch.int32).zero_()
+            self.peer.view(self.rank, layout.flags(idx), (layout.flags_bytes // 4,), torch.int32).zero_()
         self.tickets.zero_()
         self._barrier(hidden, num_experts)
 

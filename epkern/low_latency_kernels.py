@@ -17,6 +17,7 @@ MAX_TOPK = 32
 MAX_EXPERTS = 8192
 ALIGN = 128
 BARRIER_BYTES = 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
+NUM_FLAG_ARRAYS = 3  # dispatch, combine, weights: [R] int32 each
 
 
 def dispatch_kind(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
@@ -57,80 +58,106 @@ class LowLatencySpec(KernelSpec):
     def template_vars(self):
         return dict(kind=self.kind, hidden=self.hidden, num_ranks=self.num_ranks, num_experts=self.num_experts,
                     num_topk=self.num_topk, threads=self.threads, use_fp8=self.use_fp8,
-                    round_scale=self.kind in ("fp8_round", "fp8_ue8m0"), use_ue8m0=self.kind == "fp8_ue8m0")
+                    round_scale=self.kind in ("fp8_round", "fp8_ue8m0"), use_ue8m0=self.kind == "fp8_ue8m0",
+                    slot_bytes=slot_bytes(self.hidden))
 
     def name_fields(self) -> str:
         return f"{self.kind}_h{self.hidden}_r{self.num_ranks}_e{self.num_experts}_k{self.num_topk}"
 
     @property
+    def header_bytes(self) -> int:
+        """Dispatch message header: the token's K expert ids and K slots (int32), padded to 16 bytes."""
+        return header_bytes(self.num_topk)
+
+    @property
     def message_bytes(self) -> int:
-        """Bytes of one dispatch message: 16-byte header, payload, fp32 scales padded to 16 bytes."""
+        """Bytes of one dispatch message (one per token and destination rank): header, payload, fp32
+        scales padded to 16 bytes."""
         if self.use_fp8:
-            return 16 + self.hidden + 16 * -(-(self.hidden // 128) // 4)
-        return 16 + 2 * self.hidden
+            return self.header_bytes + self.hidden + 16 * -(-(self.hidden // 128) // 4)
+        return self.header_bytes + 2 * self.hidden
 
     @property
     def send_smem(self) -> int:
         """Dynamic shared memory of the dispatch send kernel: the staged message or the expert histogram."""
-        staged = self.message_bytes if self.use_fp8 else 16
+        staged = self.message_bytes if self.use_fp8 else self.header_bytes
         return max(staged, 4 * self.num_experts)
+
+    @property
+    def recv_smem(self) -> int:
+        """Dynamic shared memory of the dispatch receive kernel: the first row of each (source, expert)."""
+        return 4 * self.num_experts
 
 
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def header_bytes(num_topk: int) -> int:
+    return 16 * -(-8 * num_topk // 16)
+
+
 def slot_bytes(hidden: int) -> int:
-    """One dispatch slot (the largest message, bf16) = one combine row plus 16 bytes."""
-    return 16 + 2 * hidden
+    """One receive slot: the largest dispatch message (bf16, top-32 header); holds a combine row too."""
+    return header_bytes(MAX_TOPK) + 2 * hidden
 
 
 @dataclasses.dataclass(frozen=True)
 class BufferLayout:
-    """Byte offsets inside each rank's peer buffer for (M, hidden, experts); two buffers alternate.
+    """Byte offsets inside each rank's peer buffer for (M, hidden, ranks, experts); two buffers alternate.
 
     [barrier counters][buffer 0][buffer 1]; each buffer is
-    [dispatch flags E int32][combine flags E int32][recv region E*M slots][send region L x R*M x H bf16].
+    [flags 3 x R int32][counts E int32][weights R x M x 32 fp32][recv R x M slots][send L x R*M x H bf16]
+    (the send region is the zero-copy combine source, get_next_low_latency_combine_buffer).
     """
 
     max_tokens: int
     hidden: int
+    num_ranks: int
     num_experts: int
 
     @property
     def flags_bytes(self) -> int:
+        return _align(4 * NUM_FLAG_ARRAYS * self.num_ranks)
+
+    @property
+    def counts_bytes(self) -> int:
         return _align(4 * self.num_experts)
 
     @property
+    def weights_bytes(self) -> int:
+        return _align(4 * MAX_TOPK * self.num_ranks * self.max_tokens)
+
+    @property
     def recv_bytes(self) -> int:
-        return self.num_experts * self.max_tokens * slot_bytes(self.hidden)
+        return _align(self.num_ranks * self.max_tokens * slot_bytes(self.hidden))
 
     @property
     def send_bytes(self) -> int:
-        return self.num_experts * self.max_tokens * 2 * self.hidden
+        return _align(self.num_experts * self.max_tokens * 2 * self.hidden)
 
     @property
     def buffer_bytes(self) -> int:
-        return 2 * self.flags_bytes + _align(self.recv_bytes) + _align(self.send_bytes)
+        return self.flags_bytes + self.counts_bytes + self.weights_bytes + self.recv_bytes + self.send_bytes
 
     @property
     def total_bytes(self) -> int:
         return BARRIER_BYTES + 2 * self.buffer_bytes
 
-    def base(self, idx: int) -> int:
+    def flags(self, idx: int) -> int:
         return BARRIER_BYTES + idx * self.buffer_bytes
 
-    def dispatch_flags(self, idx: int) -> int:
-        return self.base(idx)
+    def counts(self, idx: int) -> int:
+        return self.flags(idx) + self.flags_bytes
 
-    def combine_flags(self, idx: int) -> int:
-        return self.base(idx) + self.flags_bytes
+    def weights(self, idx: int) -> int:
+        return self.counts(idx) + self.counts_bytes
 
     def recv(self, idx: int) -> int:
-        return self.base(idx) + 2 * self.flags_bytes
+        return self.weights(idx) + self.weights_bytes
 
     def send(self, idx: int) -> int:
-        return self.recv(idx) + _align(self.recv_bytes)
+        return self.recv(idx) + self.recv_bytes
 
 
 def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -139,7 +166,7 @@ def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int
     if isinstance(num_max_dispatch_tokens_per_rank, bool) or not isinstance(num_max_dispatch_tokens_per_rank, int) \
             or num_max_dispatch_tokens_per_rank < 1:
         raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank!r}: expected an int >= 1")
-    return BufferLayout(num_max_dispatch_tokens_per_rank, hidden, num_experts).total_bytes
+    return BufferLayout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes
 
 
 def max_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -147,9 +174,10 @@ def max_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_expert
     LowLatencySpec("combine", hidden, num_ranks, num_experts, 1)
     if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
         raise ValueError(f"num_bytes={num_bytes!r}: expected an int >= 0")
-    fixed = BufferLayout(0, hidden, num_experts).total_bytes
-    per_token = 2 * num_experts * (slot_bytes(hidden) + 2 * hidden)  # alignment only adds: an upper bound
+    fixed = BufferLayout(0, hidden, num_ranks, num_experts).total_bytes
+    # per token and buffer: weights, a recv slot per rank, the send rows; alignment only adds
+    per_token = 2 * (num_ranks * (4 * MAX_TOPK + slot_bytes(hidden)) + num_experts * 2 * hidden)
     m = max(0, (num_bytes - fixed) // per_token)
-    while m > 0 and BufferLayout(m, hidden, num_experts).total_bytes > num_bytes:
+    while m > 0 and BufferLayout(m, hidden, num_ranks, num_experts).total_bytes > num_bytes:
         m -= 1
     return m

@@ -85,10 +85,12 @@ def test_deployment_specs_cover_every_ep_size_and_kind():
 # -- sizing ------------------------------------------------------------------------------------------
 def test_size_hint_formula():
     M, H, E = 128, 7168, 256
-    hint = get_low_latency_rdma_size_hint(M, H, 2, E)
-    # barrier + 2 x (two flag arrays + staging slots + zero-copy send rows)
-    assert hint == 256 + 2 * (2 * 1024 + E * M * (16 + 2 * H) + E * M * 2 * H)
-    assert get_low_latency_rdma_size_hint(M, H, 8, E) == hint  # ranks only change the split
+    for R in (2, 8):
+        hint = get_low_latency_rdma_size_hint(M, H, R, E)
+        # barrier + 2 x (flags, counts, top-32 weights, a slot per (rank, token), zero-copy send rows)
+        assert hint == 256 + 2 * (128 + 1024 + 128 * R * M + R * M * (256 + 2 * H) + E * M * 2 * H)
+    # one slot per (rank, token) instead of one per (expert, token): less than the send rows again
+    assert get_low_latency_rdma_size_hint(M, H, 8, E) < 256 + 2 * 2 * (E * M * (16 + 2 * H))
 
 
 @pytest.mark.parametrize("hidden,num_ranks,num_experts", [(7168, 2, 256), (2944, 4, 128), (128, 2, 2), (4096, 8, 288)])
@@ -104,11 +106,12 @@ def test_inverse_is_the_largest_m_that_fits(hidden, num_ranks, num_experts):
 
 
 def test_layout_regions_do_not_overlap():
-    lay = BufferLayout(33, 2944, 72)
+    lay = BufferLayout(33, 2944, 4, 72)
     spans = []
     for idx in (0, 1):
-        spans += [(lay.dispatch_flags(idx), lay.flags_bytes), (lay.combine_flags(idx), lay.flags_bytes),
-                  (lay.recv(idx), lay.recv_bytes), (lay.send(idx), lay.send_bytes)]
+        spans += [(lay.flags(idx), lay.flags_bytes), (lay.counts(idx), lay.counts_bytes),
+                  (lay.weights(idx), lay.weights_bytes), (lay.recv(idx), lay.recv_bytes),
+                  (lay.send(idx), lay.send_bytes)]
     spans.sort()
     assert spans[0][0] >= 256
     for (a, n), (b, _) in zip(spans, spans[1:]):
@@ -174,7 +177,8 @@ def test_dispatch_rejects_bad_options(cpu_buffer):
 
 def test_combine_rejects_bad_inputs(cpu_buffer):
     _, idx = _inputs()
-    handle = (torch.zeros(4, 32, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int64), 16, 256, 8)
+    handle = (torch.zeros(4, 32, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int64), 16, 256, 8,
+              torch.zeros(2, 16, 2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
     x = torch.zeros(4, 32, 256, dtype=torch.bfloat16)
     w = torch.ones(4, 2)
     with pytest.raises(ValueError, match="handle"):
@@ -185,6 +189,10 @@ def test_combine_rejects_bad_inputs(cpu_buffer):
         cpu_buffer.low_latency_combine(x, idx, w.double(), handle)
     with pytest.raises(ValueError, match="out"):
         cpu_buffer.low_latency_combine(x, idx, w, handle, out=torch.zeros(3, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="columns"):
+        cpu_buffer.low_latency_combine(x, torch.zeros(4, 3, dtype=torch.int64), torch.ones(4, 3), handle)
+    with pytest.raises(ValueError, match="token_rows"):
+        cpu_buffer.low_latency_combine(x, idx, w, handle[:5] + (torch.zeros(2, 8, 2, dtype=torch.int32), handle[6]))
     with pytest.raises(ValueError, match="logfmt"):
         cpu_buffer.low_latency_combine(x, idx, w, handle, use_logfmt=True)
 

@@ -1,7 +1,7 @@
 """Low-latency dispatch/combine on 2 GPUs: DeepEP's round-trip checks, options matrix, graphs, masking.
 
 Rows encode their origin (every column = source rank - 128, the last 128 columns = token index),
-a few top-k entries are -1; counts, layout ranges, source indices and data are checked against the
+a few top-k entries are -1, one token has all its experts on rank 0 and one has none; counts, layout ranges, source indices and data are checked against the
 all-gathered top-k, combine against x * sum(weights of the experts that answered).
 """
 import os
@@ -30,6 +30,8 @@ def _inputs(rank: int, seed: int):
     topk_idx = torch.topk(scores, K, dim=-1).indices
     drop = torch.randint(0, T * K, (10,), generator=g, device="cuda")
     topk_idx.view(-1)[drop] = -1
+    topk_idx[rank] = torch.arange(K, device="cuda")   # every expert on rank 0: rank 1 gets a header only
+    topk_idx[2 + rank] = -1                           # a token with no expert at all
     weights = torch.rand(T, K, generator=g, device="cuda") + 0.1
     return x, topk_idx, weights
 
