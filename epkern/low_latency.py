@@ -14,8 +14,10 @@ Two buffers alternate (dispatch and combine each flip), so at most two results m
 No host synchronization on any path; the token count and M are run-time kernel arguments, so
 CUDA-graph capture works and changing them compiles nothing. SMs used: dispatch send and combine
 receive min(T, num_sms), dispatch receive and combine send num_sms blocks of 512 threads, one
-block per SM (num_sms defaults to 132). The combine send kernel waits for every rank's weights:
-it returns once every rank has started its combine (the ranks run the same schedule).
+block per SM (num_sms defaults to 132, at most the GPU's SM count). Without a hook, send and
+receive run as one launch of num_sms blocks (its blocks spin on flags, so the grid must fit the
+GPU at once). The combine send kernel waits for every rank's weights: it returns once every rank
+has started its combine (the ranks run the same schedule).
 """
 from __future__ import annotations
 
@@ -81,6 +83,8 @@ class LowLatencyBuffer:
         self.timeout_ns = np.uint64(int(timeout * 1e9))
         self.peer = PeerBuffer(group, self.num_bytes)
         self.device = self.peer.device
+        # one block per SM at most: the one-launch kernels spin on flags, so their grid must be resident
+        self.num_sms = min(num_sms, torch.cuda.get_device_properties(self.device).multi_processor_count)
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         # last-block tickets: [dispatch send, dispatch recv, combine send, combine recv] per buffer
         self.tickets = torch.zeros(8, dtype=torch.int32, device=self.device)
@@ -172,20 +176,24 @@ class LowLatencyBuffer:
         module = get_module(spec, dev.index)
         peer = self.peer
         flags, counts, recv = np.int64(layout.flags(idx)), np.int64(layout.counts(idx)), np.int64(layout.recv(idx))
-        module.launch("send", max(1, min(num_tokens, self.num_sms)), spec.threads, x, topk_idx,
-                      np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, counts, recv,
-                      self.mask, self.tickets[4 * idx:], smem=spec.send_smem)
+        hook = None
+        if return_recv_hook:
+            module.launch("send", max(1, min(num_tokens, self.num_sms)), spec.threads, x, topk_idx,
+                          np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, counts,
+                          recv, self.mask, self.tickets[4 * idx:], smem=spec.send_smem)
 
-        def recv_hook():
-            module.launch("recv", self.num_sms, spec.threads, recv_x, recv_scales, recv_count, src_info,
-                          layout_range, token_rows, recv_tokens, cumulative_local_expert_recv_stats,
-                          dispatch_wait_recv_cost_stats, np.int32(M), np.int32(self.rank),
-                          _np_ptr(peer.local_ptr), flags, counts, recv, self.mask, self.timeout_ns,
-                          self.tickets[4 * idx + 1:], smem=spec.recv_smem)
-
-        hook = recv_hook if return_recv_hook else None
-        if not return_recv_hook:
-            recv_hook()
+            def hook():
+                module.launch("recv", self.num_sms, spec.threads, recv_x, recv_scales, recv_count, src_info,
+                              layout_range, token_rows, recv_tokens, cumulative_local_expert_recv_stats,
+                              dispatch_wait_recv_cost_stats, np.int32(M), np.int32(self.rank),
+                              _np_ptr(peer.local_ptr), flags, counts, recv, self.mask, self.timeout_ns,
+                              self.tickets[4 * idx + 1:], smem=spec.recv_smem)
+        else:  # one launch: send, then receive
+            module.launch("send_recv", self.num_sms, spec.threads, x, topk_idx, np.int32(num_tokens), recv_x,
+                          recv_scales, recv_count, src_info, layout_range, token_rows, recv_tokens,
+                          cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, np.int32(M),
+                          np.int32(self.rank), peer.ptr_table, flags, counts, recv, self.mask, self.timeout_ns,
+                          self.tickets[4 * idx:], smem=max(spec.send_smem, spec.recv_smem))
         handle = (src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, recv_x, recv_scales, recv_count, src_info,
                                                    layout_range, token_rows, recv_tokens)) \
@@ -231,19 +239,22 @@ class LowLatencyBuffer:
 
         module = get_module(spec, self.device.index)
         peer = self.peer
-        flags, recv = np.int64(layout.flags(idx)), np.int64(layout.recv(idx))
-        module.launch("send", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
-                      np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags,
-                      np.int64(layout.weights(idx)), recv, self.mask, self.timeout_ns, self.tickets[4 * idx + 2:])
+        flags, weights, recv = np.int64(layout.flags(idx)), np.int64(layout.weights(idx)), np.int64(layout.recv(idx))
+        hook = None
+        if return_recv_hook:
+            module.launch("send", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
+                          np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, weights,
+                          recv, self.mask, self.timeout_ns, self.tickets[4 * idx + 2:])
 
-        def recv_hook():
-            module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx,
-                          np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), flags, recv, self.mask,
-                          self.timeout_ns, self.tickets[4 * idx + 3:], combine_wait_recv_cost_stats)
-
-        hook = recv_hook if return_recv_hook else None
-        if not return_recv_hook:
-            recv_hook()
+            def hook():
+                module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx,
+                              np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), flags, recv, self.mask,
+                              self.timeout_ns, self.tickets[4 * idx + 3:], combine_wait_recv_cost_stats)
+        else:  # one launch: send, then receive
+            module.launch("send_recv", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
+                          topk_idx, combined, np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table,
+                          flags, weights, recv, self.mask, self.timeout_ns, self.tickets[4 * idx + 2:],
+                          combine_wait_recv_cost_stats)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, recv_tokens, combined)) \
             if async_finish else EventOverlap()
         return combined, event, hook

@@ -8,8 +8,9 @@ from epkern.low_latency import (LowLatencyBuffer, deployment_specs, get_low_late
                                 max_dispatch_tokens_for_bytes)
 from epkern.low_latency_kernels import KINDS, BufferLayout, LowLatencySpec, dispatch_kind
 
-ENTRIES = {"bf16": ("send", "recv"), "fp8": ("send", "recv"), "fp8_round": ("send", "recv"),
-           "fp8_ue8m0": ("send", "recv"), "combine": ("send", "recv", "barrier")}
+ENTRIES = {"bf16": ("send", "recv", "send_recv"), "fp8": ("send", "recv", "send_recv"),
+           "fp8_round": ("send", "recv", "send_recv"), "fp8_ue8m0": ("send", "recv", "send_recv"),
+           "combine": ("send", "recv", "send_recv", "barrier")}
 
 
 def _compiles(spec: LowLatencySpec) -> None:
