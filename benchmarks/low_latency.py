@@ -3,9 +3,13 @@
     python3 -m benchmarks.low_latency [--tokens 1,32,128,256] [--num-sms 32]
 
 Per token count: dispatch (FP8), combine (BF16) and dispatch + combine are timed with CUDA events
-over CUDA-graph replays (benchmarks.harness, graph=True); the send and receive halves with hooks
-are kernel durations from the profiler, the receive kernel launched after a large GEMM as in
-DeepEP's own test, so it finds the data already there. Rank 0 writes benchmarks/results/low_latency.json.
+over CUDA-graph replays of CALLS back-to-back calls (benchmarks.harness, graph=True), so the time
+per call is device time with both ranks in step, not host launch time or the drift between the two
+processes' launches. The send and receive halves with hooks are kernel durations from the
+profiler: each send starts after a device barrier across the ranks (so a send that waits for its
+peer, as combine's does for the weights, is not charged the other process's lateness) and each
+receive after a large GEMM as in DeepEP's own test, so it finds the data already there. Rank 0
+writes benchmarks/results/low_latency.json.
 
 Floor: one message per (token, other rank holding one of its experts) crosses NVLink (nearly every
 token at EP=2, top-8); those bytes over the measured one-direction NVLink copy rate (393 GB/s,
@@ -22,6 +26,7 @@ import torch.distributed as dist
 
 H, E, K = 7168, 256, 8
 M = 256
+CALLS = 10   # calls per captured graph (even: the two alternating buffers end where they began)
 NVLINK_ONE_WAY = 393e9
 DEEPEP = {"dispatch": 29.0, "combine": 40.0, "dispatch_send": 19.4, "dispatch_recv": 8.2,
           "combine_send": 32.5, "combine_recv": 9.7, "dispatch+combine": 92.0}   # us, 128 tokens, REFERENCE.md
@@ -41,9 +46,11 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
     a = torch.randn(4096, 4096, device="cuda")
 
     def once():
+        buf._barrier(H, E)
         _, _, handle, _, hook = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True, return_recv_hook=True)
         a @ a
         hook()
+        buf._barrier(H, E)
         _, _, hook = buf.low_latency_combine(gemm_x, topk_idx, weights, handle, return_recv_hook=True)
         a @ a
         hook()
@@ -59,7 +66,7 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
     sums: dict = {}
     for ev in prof.events():
         name = ev.name
-        if not name.startswith("low_latency_"):
+        if not name.startswith("low_latency_") or name.endswith("_barrier"):
             continue
         key = ("combine" if "_combine_" in name else "dispatch") + ("_send" if name.endswith("_send") else "_recv")
         sums.setdefault(key, []).append(ev.time_range.elapsed_us())
@@ -76,7 +83,7 @@ def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sm
     dist.init_process_group("nccl", rank=rank, world_size=num_ranks, device_id=torch.device("cuda", rank))
     buf = LowLatencyBuffer(dist.group.WORLD, get_low_latency_rdma_size_hint(M, H, num_ranks, E), timeout_s=20.0,
                            num_sms=num_sms)
-    bench = Bench(name, warmup=20, repeats=200)
+    bench = Bench(name, warmup=10, repeats=60)
     L = E // num_ranks
     fp8_msg = LowLatencySpec("fp8", H, num_ranks, E, K).message_bytes
     for tokens in tokens_list:
@@ -92,15 +99,17 @@ def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sm
                "num_sms": num_sms}
         dist.barrier()
         timings = {
-            "dispatch": bench.time(lambda _: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True), [None], graph=True),
-            "combine": bench.time(lambda _: buf.low_latency_combine(gemm_x, topk_idx, weights, handle), [None], graph=True),
+            "dispatch": bench.time(lambda _: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True), [None],
+                                   graph=True, calls_per_graph=CALLS),
+            "combine": bench.time(lambda _: buf.low_latency_combine(gemm_x, topk_idx, weights, handle), [None],
+                                  graph=True, calls_per_graph=CALLS),
         }
 
         def both(_):
             _, _, h, _, _ = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True)
             buf.low_latency_combine(gemm_x, topk_idx, weights, h)
 
-        timings["dispatch+combine"] = bench.time(both, [None], graph=True)
+        timings["dispatch+combine"] = bench.time(both, [None], graph=True, calls_per_graph=CALLS // 2)
         halves = _kernel_times(buf, x, topk_idx, weights, gemm_x)
         floors = {"dispatch": remote_messages * fp8_msg / NVLINK_ONE_WAY * 1e6,
                   "combine": remote_messages * 2 * H / NVLINK_ONE_WAY * 1e6}
