@@ -3,7 +3,8 @@
 `LowLatencyBuffer(group, num_bytes)` maps one peer buffer per rank into every rank. Every
 NVLink transfer is one per (token, rank), not one per (token, expert): dispatch writes each token
 once (FP8-cast on the fly) into slot [source rank][token] of every rank holding one of its
-experts, then publishes per-expert counts and a flag with release stores; the receive kernel
+experts, then publishes per-expert counts and a flag with release stores (flags carry the epoch of
+their use, so nobody clears them); the receive kernel
 waits on the flags (with a deadline) and fans each token out to its local experts' rows of
 recv_x, first by source rank, then by token order at the source. Combine reduces on the expert
 side: each rank sums a token's rows on its experts with the top-k weights (which every rank copies
@@ -40,7 +41,7 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
                                    num_experts: int) -> int:
     """Bytes of peer buffer per rank for low-latency mode (DeepEP's name; it sizes our NVLink buffer).
 
-    = 256 + 2 x (12R + 4E + 128*R*M + R*M*(256 + 2H) + E*M*2H), each term rounded up to 128 bytes:
+    = 256 + 2 x (24R + 4E + 128*R*M + R*M*(256 + 2H) + E*M*2H), each term rounded up to 128 bytes:
     flags, counts, top-k weights, one receive slot per (rank, token), the zero-copy combine rows.
     """
     return size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
@@ -86,8 +87,10 @@ class LowLatencyBuffer:
         # one block per SM at most: the one-launch kernels spin on flags, so their grid must be resident
         self.num_sms = min(num_sms, torch.cuda.get_device_properties(self.device).multi_processor_count)
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
-        # last-block tickets: [dispatch send, dispatch recv, combine send, combine recv] per buffer
-        self.tickets = torch.zeros(8, dtype=torch.int32, device=self.device)
+        # per buffer [dispatch, combine]: the send kernels' last-block tickets, and the epoch of the
+        # last use, which every flag of the next use carries (counted alike on every rank)
+        self.tickets = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self.epochs = torch.zeros(4, dtype=torch.int32, device=self.device)
         self.barrier_epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.buffer_idx = 0
 
@@ -180,20 +183,20 @@ class LowLatencyBuffer:
         if return_recv_hook:
             module.launch("send", max(1, min(num_tokens, self.num_sms)), spec.threads, x, topk_idx,
                           np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, counts,
-                          recv, self.mask, self.tickets[4 * idx:], smem=spec.send_smem)
+                          recv, self.mask, self.epochs[2 * idx:], self.tickets[2 * idx:], smem=spec.send_smem)
 
             def hook():
                 module.launch("recv", self.num_sms, spec.threads, recv_x, recv_scales, recv_count, src_info,
                               layout_range, token_rows, recv_tokens, cumulative_local_expert_recv_stats,
                               dispatch_wait_recv_cost_stats, np.int32(M), np.int32(self.rank),
                               _np_ptr(peer.local_ptr), flags, counts, recv, self.mask, self.timeout_ns,
-                              self.tickets[4 * idx + 1:], smem=spec.recv_smem)
+                              self.epochs[2 * idx:], smem=spec.recv_smem)
         else:  # one launch: send, then receive
             module.launch("send_recv", self.num_sms, spec.threads, x, topk_idx, np.int32(num_tokens), recv_x,
                           recv_scales, recv_count, src_info, layout_range, token_rows, recv_tokens,
                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, np.int32(M),
                           np.int32(self.rank), peer.ptr_table, flags, counts, recv, self.mask, self.timeout_ns,
-                          self.tickets[4 * idx:], smem=max(spec.send_smem, spec.recv_smem))
+                          self.epochs[2 * idx:], self.tickets[2 * idx:], smem=max(spec.send_smem, spec.recv_smem))
         handle = (src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, recv_x, recv_scales, recv_count, src_info,
                                                    layout_range, token_rows, recv_tokens)) \
@@ -244,17 +247,17 @@ class LowLatencyBuffer:
         if return_recv_hook:
             module.launch("send", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
                           np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, weights,
-                          recv, self.mask, self.timeout_ns, self.tickets[4 * idx + 2:])
+                          recv, self.mask, self.timeout_ns, self.epochs[2 * idx + 1:], self.tickets[2 * idx + 1:])
 
             def hook():
                 module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx,
                               np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), flags, recv, self.mask,
-                              self.timeout_ns, self.tickets[4 * idx + 3:], combine_wait_recv_cost_stats)
+                              self.timeout_ns, self.epochs[2 * idx + 1:], combine_wait_recv_cost_stats)
         else:  # one launch: send, then receive
             module.launch("send_recv", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
                           topk_idx, combined, np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table,
-                          flags, weights, recv, self.mask, self.timeout_ns, self.tickets[4 * idx + 2:],
-                          combine_wait_recv_cost_stats)
+                          flags, weights, recv, self.mask, self.timeout_ns, self.epochs[2 * idx + 1:],
+                          self.tickets[2 * idx + 1:], combine_wait_recv_cost_stats)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, recv_tokens, combined)) \
             if async_finish else EventOverlap()
         return combined, event, hook
@@ -292,7 +295,7 @@ class LowLatencyBuffer:
             self.timeout_ns)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Zero every flag of both buffers between two device barriers (collective; no host sync).
+        """Zero every flag and epoch of both buffers between two device barriers (collective; no host sync).
 
         Needed after a rank was masked (its late writes may have left flags behind) or after the
         buffer memory was used for something else."""
@@ -303,6 +306,7 @@ class LowLatencyBuffer:
         for idx in (0, 1):
             self.peer.view(self.rank, layout.flags(idx), (layout.flags_bytes // 4,), torch.int32).zero_()
         self.tickets.zero_()
+        self.epochs.zero_()
         self._barrier(hidden, num_experts)
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:

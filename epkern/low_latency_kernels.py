@@ -17,7 +17,7 @@ MAX_TOPK = 32
 MAX_EXPERTS = 8192
 ALIGN = 128
 BARRIER_BYTES = 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
-NUM_FLAG_ARRAYS = 3  # dispatch, combine, weights: [R] int32 each
+NUM_FLAG_ARRAYS = 3  # dispatch, combine, weights: [R] 64-bit epoch signals each
 
 
 def dispatch_kind(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
@@ -107,7 +107,7 @@ class BufferLayout:
     """Byte offsets inside each rank's peer buffer for (M, hidden, ranks, experts); two buffers alternate.
 
     [barrier counters][buffer 0][buffer 1]; each buffer is
-    [flags 3 x R int32][counts E int32][weights R x M x 32 fp32][recv R x M slots][send L x R*M x H bf16]
+    [flags 3 x R uint64][counts E int32][weights R x M x 32 fp32][recv R x M slots][send L x R*M x H bf16]
     (the send region is the zero-copy combine source, get_next_low_latency_combine_buffer).
     """
 
@@ -118,7 +118,7 @@ class BufferLayout:
 
     @property
     def flags_bytes(self) -> int:
-        return _align(4 * NUM_FLAG_ARRAYS * self.num_ranks)
+        return _align(8 * NUM_FLAG_ARRAYS * self.num_ranks)
 
     @property
     def counts_bytes(self) -> int:

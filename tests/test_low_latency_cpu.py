@@ -89,7 +89,7 @@ def test_size_hint_formula():
     for R in (2, 8):
         hint = get_low_latency_rdma_size_hint(M, H, R, E)
         # barrier + 2 x (flags, counts, top-32 weights, a slot per (rank, token), zero-copy send rows)
-        assert hint == 256 + 2 * (128 + 1024 + 128 * R * M + R * M * (256 + 2 * H) + E * M * 2 * H)
+        assert hint == 256 + 2 * (128 * -(-24 * R // 128) + 1024 + 128 * R * M + R * M * (256 + 2 * H) + E * M * 2 * H)
     # one slot per (rank, token) instead of one per (expert, token): less than the send rows again
     assert get_low_latency_rdma_size_hint(M, H, 8, E) < 256 + 2 * 2 * (E * M * (16 + 2 * H))
 
