@@ -114,7 +114,10 @@ class Buffer:
                                                  timeout_s=self.timeout_s)
             if not self.num_rdma_bytes:
                 self.num_nvl_bytes = 0  # the low-latency buffer took these bytes
-        self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() and self._group_on_cuda() else None
+        # the NVLink backend only sets up over the group (any backend); the portable one runs its
+        # collectives on the comm stream, so it needs a group that runs on CUDA (NCCL)
+        on_cuda = torch.cuda.is_available() and (self._group_on_cuda() or backend == "nvlink")
+        self._comm_stream = torch.cuda.Stream() if on_cuda else None
         self._backend = self._make_backend(backend)
 
     def _group_on_cuda(self) -> bool:
@@ -130,7 +133,7 @@ class Buffer:
                           and _peer_access_everywhere(self.group, torch.cuda.current_device()))
         if use_nvlink:
             if self._comm_stream is None:
-                raise ValueError("backend='nvlink' needs CUDA and a NCCL process group")
+                raise ValueError("backend='nvlink' needs CUDA")
             from .backend_nvlink import NvlinkBackend
 
             return NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)

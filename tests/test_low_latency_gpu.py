@@ -109,14 +109,33 @@ def _round_trip(buf, rank, num_ranks, x, topk_idx, weights, fmt, hook, async_fin
     return recv, count, handle, stats, combined
 
 
-def _worker(rank, num_ranks, port):
+def _gather_topk(topk_idx, num_ranks):
+    """[R, T, K] top-k of every rank (through the CPU when the group is gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        out = torch.empty(num_ranks, T, K, dtype=torch.int64, device="cuda")
+        dist.all_gather_into_tensor(out, topk_idx)
+        return out
+    parts = [torch.empty(T, K, dtype=torch.int64) for _ in range(num_ranks)]
+    dist.all_gather(parts, topk_idx.cpu())
+    return torch.stack(parts).cuda()
+
+
+def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
+    """One rank of the round-trip checks. backend="gloo" with num_gpus < num_ranks runs several ranks
+    per GPU (rank r on GPU r % num_gpus; scripts/oversubscribed_ep.py)."""
     import torch.distributed as dist
 
     from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=num_ranks, device_id=torch.device("cuda", rank))
+    gpu = rank % (num_gpus or num_ranks)
+    torch.cuda.set_device(gpu)
+    if backend == "nccl":
+        dist.init_process_group("nccl", rank=rank, world_size=num_ranks, device_id=torch.device("cuda", gpu))
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=num_ranks)
     group = dist.group.WORLD
     buf = LowLatencyBuffer(group, get_low_latency_rdma_size_hint(M, H, num_ranks, E), timeout_s=3.0)
     everyone = torch.ones(num_ranks, dtype=torch.bool, device="cuda")
@@ -133,8 +152,7 @@ def _worker(rank, num_ranks, port):
     # options matrix: format x hook x async x zero-copy, twice per seed (bit-identical)
     for seed in (1, 2):
         x, topk_idx, weights = _inputs(rank, seed)
-        all_topk = torch.empty(num_ranks, T, K, dtype=torch.int64, device="cuda")
-        dist.all_gather_into_tensor(all_topk, topk_idx)
+        all_topk = _gather_topk(topk_idx, num_ranks)
         for fmt in FORMATS:
             for hook in (False, True):
                 for zero_copy in (False, True):
@@ -197,8 +215,7 @@ def _worker(rank, num_ranks, port):
             buf.low_latency_update_mask_buffer(r, True)
     only_me = torch.arange(num_ranks, device="cuda") == rank
     x, topk_idx, weights = _inputs(rank, 4)
-    all_topk = torch.empty(num_ranks, T, K, dtype=torch.int64, device="cuda")
-    dist.all_gather_into_tensor(all_topk, topk_idx)
+    all_topk = _gather_topk(topk_idx, num_ranks)
     res = _round_trip(buf, rank, num_ranks, x, topk_idx, weights, FORMATS[0], False, False, False)
     _check_dispatch(buf, rank, num_ranks, *res[:4], all_topk, FORMATS[0], only_me.tolist())
     _assert_close(res[4], _expected_combine(x, topk_idx, weights, only_me, num_ranks))
