@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from epkern.codegen import KernelSpec, check_int, get_module
+from epkern.codegen.launch import current_stream_handle
 from epkern.codegen.scratch import SelfResettingZeros
 
 ALIGN = 256           # chunk starts are multiples of this many ids
@@ -117,11 +118,10 @@ def _ticket(device: torch.device, stream_handle: int) -> torch.Tensor:
 def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int) -> torch.Tensor:
     spec = MapSpec.for_experts(num_experts)
     device = idx.device
-    stream = torch.cuda.current_stream(device)
+    stream = current_stream_handle(device.index)  # raw handle: no torch Stream object per call
     by_sm = torch.empty(n_sms, num_experts, dtype=torch.int32, device=device)
     get_module(spec, device.index).launch("count", n_sms, spec.threads, idx, np.int64(idx.numel()), by_sm,
-                                          _ticket(device, stream.cuda_stream), smem=4 * num_experts,
-                                          stream=stream)
+                                          _ticket(device, stream), smem=4 * num_experts, stream=stream)
     return by_sm
 
 
@@ -132,8 +132,7 @@ def map_cuda(idx: torch.Tensor, probs: torch.Tensor, log2var: torch.Tensor, log2
     device = idx.device
     out = torch.empty_like(idx)
     get_module(spec, device.index).launch("map", n_sms, spec.threads, idx, np.int64(idx.numel()), probs, log2var,
-                                          log2phy, by_sm, out, smem=spec.threads // 32 * num_experts * 4,
-                                          stream=torch.cuda.current_stream(device))
+                                          log2phy, by_sm, out, smem=spec.threads // 32 * num_experts * 4)
     return out
 
 
