@@ -28,6 +28,7 @@ class IpmSpec(KernelSpec):
     combined: int = 1
     max_iterations: int = MAX_ITERATIONS
     tolerance: float = TOLERANCE
+    profile: bool = False  # debug: clock64 stamps per phase into an extra last argument (benchmarks/lplb_profile.py)
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -37,14 +38,16 @@ class IpmSpec(KernelSpec):
         check_int(n, "max_iterations", self.max_iterations, 1, 1000)
         if not isinstance(self.tolerance, float) or not 1e-12 <= self.tolerance <= 1e-2:
             raise ValueError(f"{n}.tolerance={self.tolerance!r}: expected a float in [1e-12, 1e-2]")
+        if not isinstance(self.profile, bool):
+            raise ValueError(f"{n}.profile={self.profile!r}: expected a bool")
 
     def template_vars(self):
         return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
                     max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
-                    step_factor=repr(STEP_FACTOR), threads=THREADS)
+                    step_factor=repr(STEP_FACTOR), threads=THREADS, profile=self.profile)
 
     def name_fields(self) -> str:
-        return f"g{self.group_size}_d{self.dups}_c{self.combined}"
+        return f"g{self.group_size}_d{self.dups}_c{self.combined}" + ("_prof" if self.profile else "")
 
 
 @dataclasses.dataclass
@@ -71,8 +74,7 @@ def solve_cuda(spec: IpmSpec, workload: torch.Tensor, phy2log: torch.Tensor, r2o
     objective = torch.empty(n_group, dtype=torch.float32, device=device)
     module = get_module(spec, device.index)
     module.launch("", n_group, THREADS, workload, np.int32(n_logical), phy2log, np.int32(n_fixed), r2o, o2r,
-                  prev_probs, probs, global_workload, avail_counter, stats, objective,
-                  stream=torch.cuda.current_stream(device))
+                  prev_probs, probs, global_workload, avail_counter, stats, objective)  # torch's current stream
     return IpmResult(probs, global_workload, stats[:, 0], stats[:, 1], objective)
 
 
