@@ -35,7 +35,7 @@ PROF_START, PROF_GATHERED, PROF_SCALED, PROF_ITER0 = 0, 1, 2, 3
 PROF_IPM_END = PROF_ITER0 + PROF_ITERS * PROF_PHASES
 PROF_END, PROF_NS_START, PROF_NS_END = PROF_IPM_END + 1, PROF_IPM_END + 2, PROF_IPM_END + 3
 PROF_SLOTS = PROF_IPM_END + 4
-PHASES = ("verdict", "scaling", "sweep", "predictor", "sigma", "corrector", "step")
+PHASES = ("verdict", "scaling", "sweep", "predictor", "sigma", "corrector", "step", "loop")
 _ALT_TEXT: dict[str, str] = {}
 
 
