@@ -73,8 +73,11 @@ def _check_dispatch(buf, rank, num_ranks, recv, count, handle, stats, all_topk, 
             rows = data[l, rb:rb + rc]
             if rc:
                 tol = 0 if not round_scale else 2.0
-                assert (rows[:, :-128] - (r - 128)).abs().max() <= tol
-                assert (rows[:, -128:] - tokens.view(-1, 1).float()).abs().max() <= (0 if not round_scale else 2.0)
+                bad = ((rows[:, :-128] - (r - 128)).abs() > tol).any(-1).nonzero().flatten()
+                assert len(bad) == 0, (f"rank {rank}, format {fmt}: expert {e} rows {rb}+{bad.tolist()} from rank {r} "
+                                       f"(tokens {tokens[bad].tolist()}) hold {rows[bad, 0].tolist()}, "
+                                       f"{rows[bad, -129].tolist()} where {r - 128} was sent")
+                assert (rows[:, -128:] - tokens.view(-1, 1).float()).abs().max() <= tol
             begin += rc
 
 
@@ -158,6 +161,7 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
                 for zero_copy in (False, True):
                     results = [_round_trip(buf, rank, num_ranks, x, topk_idx, weights, fmt, hook, not hook, zero_copy)
                                for _ in range(2)]
+                    print(f"rank {rank}: seed {seed} format {fmt} hook {hook} zero_copy {zero_copy}", flush=True)
                     recv, count, handle, stats, combined = results[0]
                     _check_dispatch(buf, rank, num_ranks, recv, count, handle, stats, all_topk, fmt, [True] * num_ranks)
                     want = _expected_combine(x, topk_idx, weights, everyone, num_ranks)
