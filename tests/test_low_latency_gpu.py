@@ -72,12 +72,15 @@ def _check_dispatch(buf, rank, num_ranks, recv, count, handle, stats, all_topk, 
             assert torch.equal(src_info[l, rb:rb + rc].long(), tokens), "rows must follow token order at the source"
             rows = data[l, rb:rb + rc]
             if rc:
-                tol = 0 if not round_scale else 2.0
+                # power-of-two scales put the value anywhere in [224, 448) x scale: e4m3 rounding then
+                # errs by up to 2^-4 of it (-125 comes back as -128)
+                tol = 0 if not round_scale else abs(r - 128) / 16
                 bad = ((rows[:, :-128] - (r - 128)).abs() > tol).any(-1).nonzero().flatten()
                 assert len(bad) == 0, (f"rank {rank}, format {fmt}: expert {e} rows {rb}+{bad.tolist()} from rank {r} "
                                        f"(tokens {tokens[bad].tolist()}) hold {rows[bad, 0].tolist()}, "
                                        f"{rows[bad, -129].tolist()} where {r - 128} was sent")
-                assert (rows[:, -128:] - tokens.view(-1, 1).float()).abs().max() <= tol
+                sent = tokens.view(-1, 1).float()
+                assert ((rows[:, -128:] - sent).abs() <= (0 if not round_scale else sent / 16)).all()
             begin += rc
 
 
