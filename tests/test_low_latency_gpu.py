@@ -170,8 +170,8 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
                     want = _expected_combine(x, topk_idx, weights, everyone, num_ranks)
                     if not fmt[1]:
                         _assert_close(combined, want)
-                    else:  # power-of-two scales lose precision on the constant rows
-                        assert (combined.float() - want.float()).abs().max() <= want.float().abs().max() * 0.02 + 2.0
+                    else:  # power-of-two scales: each dispatched value errs by up to 2^-4 of itself
+                        assert ((combined.float() - want.float()).abs() <= want.float().abs() / 16 + 2.0).all()
                     again = results[1]
                     assert torch.equal(combined, again[4]), "repeated runs must be bit-identical"
                     assert torch.equal(count, again[1])
