@@ -25,7 +25,7 @@ COMBINE_SPLITS = [(8, 24), (6, 24), (8, 20)]
 
 def run(rank: int) -> None:
     import epkern.buffer as B
-    import epkern.intranode_kernels as ik
+    import epkern.normal.kernels as ik
 
     bench = Bench("intranode_sweep", warmup=5, repeats=30)
     buf = B.Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9), backend="nvlink")

@@ -80,7 +80,7 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
 def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sms: int, name: str):
     from benchmarks.harness import Bench
     from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
-    from epkern.low_latency_kernels import LowLatencySpec
+    from epkern.low_latency.kernels import LowLatencySpec
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)

@@ -25,9 +25,9 @@ import socket
 import torch
 import torch.distributed as dist
 
-from . import intranode_kernels as ik
-from .backend_torch import TorchBackend
-from .dispatch_handle import check_handle
+from .normal import kernels as ik
+from .normal.torch_backend import TorchBackend
+from .normal.handle import check_handle
 from .events import EventOverlap
 from .layout import get_dispatch_layout as _layout
 from .validate import check_positive_int, check_range, check_tensor
@@ -134,7 +134,7 @@ class Buffer:
         if use_nvlink:
             if self._comm_stream is None:
                 raise ValueError("backend='nvlink' needs CUDA")
-            from .backend_nvlink import NvlinkBackend
+            from .normal.nvlink import NvlinkBackend
 
             return NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
         return TorchBackend(self.group, self.rank, self.group_size)

@@ -16,7 +16,7 @@ FAMILY_MODULES = (
     "epkern.fp8",
     "epkern.solver.ipm_kernel",
     "epkern.solver.map_kernel",
-    "epkern.intranode_kernels",
+    "epkern.normal.kernels",
     "epkern.low_latency",
 )
 

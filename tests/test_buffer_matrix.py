@@ -12,7 +12,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from epkern.dispatch_handle import aligned_counts, send_head_from_counts
+from epkern.normal.handle import aligned_counts, send_head_from_counts
 
 
 def token_rows(rank: int, num_tokens: int, hidden: int, device) -> torch.Tensor:

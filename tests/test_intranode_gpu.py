@@ -18,7 +18,7 @@ def _worker(rank, world, init_file, seed):
     import test_buffer_matrix as M
 
     import epkern.buffer as B
-    from epkern.backend_nvlink import PeerTimeoutError
+    from epkern.normal.nvlink import PeerTimeoutError
     from epkern.codegen import runtime
 
     torch.cuda.set_device(rank)

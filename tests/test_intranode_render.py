@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from epkern import intranode_kernels as ik
+from epkern.normal import kernels as ik
 from epkern.codegen import build
 from epkern.deployment import Deployment
 

@@ -4,9 +4,9 @@ import torch
 
 from epkern.codegen import build
 from epkern.deployment import Deployment
-from epkern.low_latency import (LowLatencyBuffer, deployment_specs, get_low_latency_rdma_size_hint,
+from epkern.low_latency.buffer import (LowLatencyBuffer, deployment_specs, get_low_latency_rdma_size_hint,
                                 max_dispatch_tokens_for_bytes)
-from epkern.low_latency_kernels import KINDS, BufferLayout, LowLatencySpec, dispatch_kind
+from epkern.low_latency.kernels import KINDS, BufferLayout, LowLatencySpec, dispatch_kind
 
 ENTRIES = {"bf16": ("send", "recv", "send_recv"), "fp8": ("send", "recv", "send_recv"),
            "fp8_round": ("send", "recv", "send_recv"), "fp8_ue8m0": ("send", "recv", "send_recv"),

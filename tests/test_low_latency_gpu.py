@@ -149,7 +149,7 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
     # warm up (JIT) every kernel on both ranks before anything waits on a peer
     x, topk_idx, weights = _inputs(rank, 0)
     from epkern.codegen import get_module
-    from epkern.low_latency_kernels import LowLatencySpec
+    from epkern.low_latency.kernels import LowLatencySpec
     for kind in ("bf16", "fp8", "fp8_round", "fp8_ue8m0", "combine"):
         get_module(LowLatencySpec(kind, H, num_ranks, E, K))
     get_module(LowLatencySpec("combine", H, num_ranks, E, 1))

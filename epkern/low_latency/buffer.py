@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from epkern.codegen import get_module, knobs
 
-from .events import EventOverlap
-from .low_latency_kernels import (DISPATCH_KINDS, MAX_RANKS, MAX_TOPK, BufferLayout, LowLatencySpec, dispatch_kind,
-                                  max_tokens_for_bytes, size_hint)
-from .peer_memory import PeerBuffer
-from .validate import check_cuda, check_positive_int, check_range, check_tensor
+from ..events import EventOverlap
+from .kernels import (DISPATCH_KINDS, MAX_RANKS, MAX_TOPK, BufferLayout, LowLatencySpec, dispatch_kind,
+                       max_tokens_for_bytes, size_hint)
+from ..peer_memory import PeerBuffer
+from ..validate import check_cuda, check_positive_int, check_range, check_tensor
 
 DEFAULT_NUM_SMS = 132  # one wave on H100/H200: latency over SM thrift (pass num_sms= to use fewer)
 

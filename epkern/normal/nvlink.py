@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from . import intranode_kernels as ik
-from .dispatch_handle import DispatchHandle
-from .peer_memory import HostMapped, PeerBuffer
+from . import kernels as ik
+from .handle import DispatchHandle
+from ..peer_memory import HostMapped, PeerBuffer
 
 _KERNELS = {1: "intranode notify", 2: "intranode dispatch", 3: "intranode combine"}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .dispatch_handle import DispatchHandle, aligned_counts, channel_matrices, send_head_from_counts
+from .handle import DispatchHandle, aligned_counts, channel_matrices, send_head_from_counts
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,8 @@
+"""Low-latency mode (decode): fixed buffers, no host sync, CUDA-graph safe, receive hooks.
+
+`kernels` owns the spec, the buffer layout and the launchers; `buffer` is the LowLatencyBuffer that
+`epkern.Buffer(low_latency_mode=True)` delegates to.
+"""
+from .buffer import LowLatencyBuffer, deployment_specs, get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
+
+__all__ = ["LowLatencyBuffer", "deployment_specs", "get_low_latency_rdma_size_hint", "max_dispatch_tokens_for_bytes"]
