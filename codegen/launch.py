@@ -11,6 +11,7 @@ Nothing here syncs, allocates device memory or calls the driver, so it is the sa
 from __future__ import annotations
 
 import functools
+import operator
 
 import numpy as np
 import torch
@@ -90,3 +91,59 @@ def kernel_args(args: tuple) -> list:
         else:
             out.append(kernel_arg(a))
     return out
+
+
+# -- kernel parameter lists ---------------------------------------------------------------------
+# numpy scalars are immutable, and a launch's scalars (ranks, offsets, sizes) mostly repeat from call
+# to call: a cached scalar for a Python int costs a dict lookup instead of a numpy construction
+def _cast(ctype):
+    cached = functools.lru_cache(maxsize=4096)(ctype)
+
+    def cast(value):
+        return cached(value) if type(value) is int else ctype(value)
+    return cast
+
+
+_CASTS = {"i32": _cast(np.int32), "u32": _cast(np.uint32), "i64": _cast(np.int64), "u64": _cast(np.uint64),
+          "f32": np.float32, "addr": _cast(np.uint64)}
+
+
+class KernelParams:
+    """One entry point's parameter list, stated once: launchers pack their arguments by name with it,
+    and tests compare it with the template's `extern "C" __global__` signature.
+
+    KernelParams("dispatch", "x topk_idx num_tokens:i32 ... status:addr"): a bare name is a pointer
+    (a tensor, or None for a null pointer); `:i32 :u32 :i64 :u64 :f32` a scalar of that C type;
+    `:addr` a pointer given as an integer address (host-mapped or peer memory)."""
+
+    __slots__ = ("entry", "names", "types", "_get", "_casts")
+
+    def __init__(self, entry: str, params: str):
+        items = [p.partition(":") for p in params.split()]
+        self.entry = entry
+        self.names = tuple(name for name, _, _ in items)
+        self.types = tuple(kind or "ptr" for _, _, kind in items)
+        unknown = sorted(set(self.types) - set(_CASTS) - {"ptr"})
+        if unknown or len(set(self.names)) != len(self.names):
+            raise ValueError(f"KernelParams({entry!r}): unknown types {unknown} or repeated names in {params!r}")
+        getter = operator.itemgetter(*self.names)
+        self._get = getter if len(self.names) > 1 else (lambda values: (getter(values),))
+        self._casts = tuple((i, _CASTS[kind]) for i, kind in enumerate(self.types) if kind != "ptr")
+
+    def pack(self, **values) -> list:
+        """The arguments in the kernel's order, scalars cast to their C types; every name exactly once."""
+        if len(values) != len(self.names):
+            raise self._mismatch(values)
+        try:
+            args = list(self._get(values))
+        except KeyError:
+            raise self._mismatch(values) from None
+        for i, cast in self._casts:
+            args[i] = cast(args[i])
+        return args
+
+    def _mismatch(self, values) -> TypeError:
+        missing = [n for n in self.names if n not in values]
+        unknown = sorted(set(values) - set(self.names))
+        return TypeError(f"kernel {self.entry!r}: missing arguments {missing}, unknown arguments {unknown}; "
+                         f"expected {list(self.names)}")

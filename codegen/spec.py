@@ -34,8 +34,9 @@ def check_int(spec_name: str, field: str, value: Any, lo: int | None = None, hi:
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """Base class. Subclasses are frozen dataclasses that set `family` and `template`
-    and implement `validate`, `template_vars` and `name_fields`."""
+    """Base class. Subclasses are frozen dataclasses that set `family` and `template` (a class
+    attribute, or a property where one family has one template per kernel) and implement
+    `validate`, `template_vars` and `name_fields`."""
 
     family: ClassVar[str] = ""
     template: ClassVar[str] = ""

@@ -44,7 +44,7 @@ def test_spec_compiles_to_a_cubin(spec):
 
 
 def test_every_template_is_covered_by_the_matrix():
-    reached = {type(s).template for s in DEPLOYMENT_SPECS + LAYOUT_SPECS}
+    reached = {s.template for s in DEPLOYMENT_SPECS + LAYOUT_SPECS}
     missing = sorted(set(render_mod.list_templates()) - reached)
     assert not missing, (f"templates {missing} are reached by no spec in the compile matrix: register their family "
                          "in epkern.deployment.FAMILY_MODULES (deployment_specs) so they are built and tested")

@@ -4,18 +4,14 @@ import torch
 
 from epkern.codegen import build
 from epkern.deployment import Deployment
-from epkern.low_latency.buffer import (LowLatencyBuffer, deployment_specs, get_low_latency_rdma_size_hint,
-                                max_dispatch_tokens_for_bytes)
-from epkern.low_latency.kernels import KINDS, BufferLayout, LowLatencySpec, dispatch_kind
-
-ENTRIES = {"bf16": ("send", "recv", "send_recv"), "fp8": ("send", "recv", "send_recv"),
-           "fp8_round": ("send", "recv", "send_recv"), "fp8_ue8m0": ("send", "recv", "send_recv"),
-           "combine": ("send", "recv", "send_recv", "barrier")}
+from epkern.low_latency.buffer import LowLatencyBuffer, get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
+from epkern.low_latency.kernels import KINDS, BarrierSpec, BufferLayout, LowLatencySpec, deployment_specs, dispatch_kind
 
 
-def _compiles(spec: LowLatencySpec) -> None:
+def _compiles(spec) -> None:
     cubin = build(spec, "sm_90a").cubin
-    for entry in ENTRIES[spec.kind]:
+    entries = ("barrier",) if isinstance(spec, BarrierSpec) else ("send", "recv", "send_recv")
+    for entry in entries:
         assert f"{spec.symbol}_{entry}".encode() in cubin, f"{spec.name}: no entry point {entry}"
 
 
@@ -36,6 +32,16 @@ def test_deepseek_shapes_compile(kind, num_ranks):
 ])
 def test_other_shapes_compile(kind, hidden, num_ranks, num_experts, num_topk):
     _compiles(LowLatencySpec(kind, hidden, num_ranks, num_experts, num_topk))
+
+
+@pytest.mark.parametrize("num_ranks", [1, 3, 64])
+def test_barrier_compiles_for_any_rank_count(num_ranks):
+    _compiles(BarrierSpec(num_ranks))
+
+
+def test_barrier_rejects_more_ranks_than_threads():
+    with pytest.raises(ValueError, match="num_ranks"):
+        BarrierSpec(65)
 
 
 def test_rendered_source_is_specialized():
@@ -79,8 +85,11 @@ def test_dispatch_kind():
 
 def test_deployment_specs_cover_every_ep_size_and_kind():
     specs = deployment_specs(Deployment())
+    barriers = [s for s in specs if isinstance(s, BarrierSpec)]
+    specs = [s for s in specs if not isinstance(s, BarrierSpec)]
     assert {(s.num_ranks, s.kind) for s in specs} == {(r, k) for r in (2, 4, 8) for k in KINDS}
     assert all(s.hidden == 7168 and s.num_experts == 256 and s.num_topk == 8 for s in specs)
+    assert barriers == [BarrierSpec(2), BarrierSpec(4), BarrierSpec(8)]   # offline clean_low_latency_buffer
 
 
 # -- sizing ------------------------------------------------------------------------------------------

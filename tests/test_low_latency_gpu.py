@@ -149,10 +149,10 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
     # warm up (JIT) every kernel on both ranks before anything waits on a peer
     x, topk_idx, weights = _inputs(rank, 0)
     from epkern.codegen import get_module
-    from epkern.low_latency.kernels import LowLatencySpec
+    from epkern.low_latency.kernels import BarrierSpec, LowLatencySpec
     for kind in ("bf16", "fp8", "fp8_round", "fp8_ue8m0", "combine"):
         get_module(LowLatencySpec(kind, H, num_ranks, E, K))
-    get_module(LowLatencySpec("combine", H, num_ranks, E, 1))
+    get_module(BarrierSpec(num_ranks))
     dist.barrier()
 
     # options matrix: format x hook x async x zero-copy, twice per seed (bit-identical)

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from epkern.codegen import get_module, knobs
+from epkern.codegen import knobs
 
 from ..events import EventOverlap
-from .kernels import (DISPATCH_KINDS, MAX_RANKS, MAX_TOPK, BufferLayout, LowLatencySpec, dispatch_kind,
-                       max_tokens_for_bytes, size_hint)
+from .kernels import (BufferLayout, LowLatencySpec, dispatch_kind, launch_barrier, launch_combine, launch_dispatch,
+                      max_tokens_for_bytes, size_hint)
 from ..peer_memory import PeerBuffer
 from ..validate import check_cuda, check_positive_int, check_range, check_tensor
 
@@ -50,21 +50,6 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
 def max_dispatch_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """The inverse of the size hint: the largest M per rank that num_bytes holds (0 if none)."""
     return max_tokens_for_bytes(num_bytes, hidden, num_ranks, num_experts)
-
-
-def deployment_specs(deployment) -> list[LowLatencySpec]:
-    """Every low-latency kernel a deployment needs: four dispatch formats and combine per EP size.
-
-    None when the shape is outside what low-latency mode supports (hidden a multiple of 128,
-    at most 64 ranks, top-k at most 32): such a deployment uses the normal mode only."""
-    if deployment.hidden % 128 or deployment.num_topk > MAX_TOPK:
-        return []
-    return [LowLatencySpec(kind, deployment.hidden, r, deployment.num_experts, deployment.num_topk)
-            for r in deployment.ep_sizes if r <= MAX_RANKS for kind in DISPATCH_KINDS + ("combine",)]
-
-
-def _np_ptr(value: int) -> np.uint64:
-    return np.uint64(value)
 
 
 class LowLatencyBuffer:
@@ -176,27 +161,13 @@ class LowLatencyBuffer:
         token_rows = torch.empty(R, M, topk_idx.shape[1], dtype=torch.int32, device=dev)
         recv_tokens = torch.empty(R, dtype=torch.int32, device=dev)
 
-        module = get_module(spec, dev.index)
-        peer = self.peer
-        flags, counts, recv = np.int64(layout.flags(idx)), np.int64(layout.counts(idx)), np.int64(layout.recv(idx))
-        hook = None
-        if return_recv_hook:
-            module.launch("send", max(1, min(num_tokens, self.num_sms)), spec.threads, x, topk_idx,
-                          np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, counts,
-                          recv, self.mask, self.epochs[2 * idx:], self.tickets[2 * idx:], smem=spec.send_smem)
-
-            def hook():
-                module.launch("recv", self.num_sms, spec.threads, recv_x, recv_scales, recv_count, src_info,
-                              layout_range, token_rows, recv_tokens, cumulative_local_expert_recv_stats,
-                              dispatch_wait_recv_cost_stats, np.int32(M), np.int32(self.rank),
-                              _np_ptr(peer.local_ptr), flags, counts, recv, self.mask, self.timeout_ns,
-                              self.epochs[2 * idx:], smem=spec.recv_smem)
-        else:  # one launch: send, then receive
-            module.launch("send_recv", self.num_sms, spec.threads, x, topk_idx, np.int32(num_tokens), recv_x,
-                          recv_scales, recv_count, src_info, layout_range, token_rows, recv_tokens,
-                          cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, np.int32(M),
-                          np.int32(self.rank), peer.ptr_table, flags, counts, recv, self.mask, self.timeout_ns,
-                          self.epochs[2 * idx:], self.tickets[2 * idx:], smem=max(spec.send_smem, spec.recv_smem))
+        hook = launch_dispatch(
+            spec, layout, idx, self.num_sms, x=x, topk_idx=topk_idx, rank=self.rank, ptr_table=self.peer.ptr_table,
+            local_base=self.peer.local_ptr, mask=self.mask, timeout_ns=self.timeout_ns,
+            epoch_counter=self.epochs[2 * idx:], send_ticket=self.tickets[2 * idx:], recv_x=recv_x,
+            recv_scales=recv_scales, recv_count=recv_count, src_info=src_info, layout_range=layout_range,
+            token_rows=token_rows, recv_tokens=recv_tokens, cumulative_stats=cumulative_local_expert_recv_stats,
+            wait_stats=dispatch_wait_recv_cost_stats, with_hook=return_recv_hook)
         handle = (src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, recv_x, recv_scales, recv_count, src_info,
                                                    layout_range, token_rows, recv_tokens)) \
@@ -240,24 +211,12 @@ class LowLatencyBuffer:
         source = self._send_region(layout, idx, L, R * M, hidden) if zero_copy else x
         combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
 
-        module = get_module(spec, self.device.index)
-        peer = self.peer
-        flags, weights, recv = np.int64(layout.flags(idx)), np.int64(layout.weights(idx)), np.int64(layout.recv(idx))
-        hook = None
-        if return_recv_hook:
-            module.launch("send", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
-                          np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table, flags, weights,
-                          recv, self.mask, self.timeout_ns, self.epochs[2 * idx + 1:], self.tickets[2 * idx + 1:])
-
-            def hook():
-                module.launch("recv", max(1, min(num_tokens, self.num_sms)), spec.threads, combined, topk_idx,
-                              np.int32(num_tokens), np.int32(M), _np_ptr(peer.local_ptr), flags, recv, self.mask,
-                              self.timeout_ns, self.epochs[2 * idx + 1:], combine_wait_recv_cost_stats)
-        else:  # one launch: send, then receive
-            module.launch("send_recv", self.num_sms, spec.threads, source, token_rows, recv_tokens, topk_weights,
-                          topk_idx, combined, np.int32(num_tokens), np.int32(M), np.int32(self.rank), peer.ptr_table,
-                          flags, weights, recv, self.mask, self.timeout_ns, self.epochs[2 * idx + 1:],
-                          self.tickets[2 * idx + 1:], combine_wait_recv_cost_stats)
+        hook = launch_combine(
+            spec, layout, idx, self.num_sms, x=source, token_rows=token_rows, recv_tokens=recv_tokens,
+            topk_weights=topk_weights, topk_idx=topk_idx, out=combined, rank=self.rank, ptr_table=self.peer.ptr_table,
+            local_base=self.peer.local_ptr, mask=self.mask, timeout_ns=self.timeout_ns,
+            epoch_counter=self.epochs[2 * idx + 1:], send_ticket=self.tickets[2 * idx + 1:],
+            wait_stats=combine_wait_recv_cost_stats, with_hook=return_recv_hook)
         event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, recv_tokens, combined)) \
             if async_finish else EventOverlap()
         return combined, event, hook
@@ -288,11 +247,9 @@ class LowLatencyBuffer:
         return self._send_region(layout, self.buffer_idx, num_experts // self.num_ranks, self.num_ranks * M, hidden)
 
     # -- maintenance ---------------------------------------------------------------------------------
-    def _barrier(self, hidden: int, num_experts: int) -> None:
-        spec = LowLatencySpec("combine", hidden, self.num_ranks, num_experts, 1)
-        get_module(spec, self.device.index).launch(
-            "barrier", 1, 64, self.peer.ptr_table, np.int64(0), np.int32(self.rank), self.barrier_epoch, self.mask,
-            self.timeout_ns)
+    def _barrier(self) -> None:
+        launch_barrier(self.num_ranks, ptr_table=self.peer.ptr_table, rank=self.rank, epoch=self.barrier_epoch,
+                       mask=self.mask, timeout_ns=self.timeout_ns)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Zero every flag and epoch of both buffers between two device barriers (collective; no host sync).
@@ -302,12 +259,12 @@ class LowLatencyBuffer:
         check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
         self._check_experts(num_experts)
         layout = self._layout(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._barrier(hidden, num_experts)
+        self._barrier()
         for idx in (0, 1):
             self.peer.view(self.rank, layout.flags(idx), (layout.flags_bytes // 4,), torch.int32).zero_()
         self.tickets.zero_()
         self.epochs.zero_()
-        self._barrier(hidden, num_experts)
+        self._barrier()
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Mask (mask=True) or unmask a rank: a masked rank is neither sent to nor waited for."""

@@ -1,14 +1,18 @@
-"""Low-latency kernels: the spec, the peer-buffer layout and the sizes both sides agree on.
+"""Low-latency kernels: the specs, the peer-buffer layout, the sizes both sides agree on, the launchers.
 
-One spec per (kind, hidden, ranks, experts, top-k); kind is a dispatch format (bf16, fp8,
-fp8_round, fp8_ue8m0) or "combine" (which also holds the device barrier). The token count and
-the maximum tokens per rank M are run-time kernel arguments: changing them compiles nothing.
+One LowLatencySpec per (kind, hidden, ranks, experts, top-k); kind is a dispatch format (bf16, fp8,
+fp8_round, fp8_ue8m0; templates/low_latency_dispatch.cu.j2) or "combine"
+(templates/low_latency_combine.cu.j2). The device barrier has its own spec, on the rank count only
+(templates/low_latency_barrier.cu.j2). The token count and the maximum tokens per rank M are
+run-time kernel arguments: changing them compiles nothing. Every size the templates use (slots,
+headers, messages, flag arrays, limits) is computed here and handed to them; each entry point's
+argument list is a KernelParams below, checked against its template by tests/test_kernel_params.py.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from epkern.codegen import KernelSpec, check_choice, check_int
+from epkern.codegen import KernelParams, KernelSpec, check_choice, check_int, get_module
 
 DISPATCH_KINDS = ("bf16", "fp8", "fp8_round", "fp8_ue8m0")
 KINDS = DISPATCH_KINDS + ("combine",)
@@ -16,8 +20,10 @@ MAX_RANKS = 64
 MAX_TOPK = 32
 MAX_EXPERTS = 8192
 ALIGN = 128
-BARRIER_BYTES = 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
-NUM_FLAG_ARRAYS = 3  # dispatch, combine, weights: [R] 64-bit epoch signals each
+BARRIER_OFF, BARRIER_BYTES = 0, 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
+BARRIER_THREADS = 64  # one block; one thread per rank
+FLAGS_DISPATCH, FLAGS_COMBINE, FLAGS_WEIGHTS = 0, 1, 2   # the flag arrays of a buffer: [R] 64-bit epoch signals each
+NUM_FLAG_ARRAYS = 3
 
 
 def dispatch_kind(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
@@ -33,7 +39,6 @@ def dispatch_kind(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
 @dataclasses.dataclass(frozen=True)
 class LowLatencySpec(KernelSpec):
     family = "low_latency"
-    template = "low_latency.cu.j2"
 
     kind: str
     hidden: int
@@ -55,11 +60,20 @@ class LowLatencySpec(KernelSpec):
     def use_fp8(self) -> bool:
         return self.kind.startswith("fp8")
 
+    @property
+    def template(self) -> str:
+        return "low_latency_combine.cu.j2" if self.kind == "combine" else "low_latency_dispatch.cu.j2"
+
     def template_vars(self):
-        return dict(kind=self.kind, hidden=self.hidden, num_ranks=self.num_ranks, num_experts=self.num_experts,
-                    num_topk=self.num_topk, threads=self.threads, use_fp8=self.use_fp8,
-                    round_scale=self.kind in ("fp8_round", "fp8_ue8m0"), use_ue8m0=self.kind == "fp8_ue8m0",
-                    slot_bytes=slot_bytes(self.hidden))
+        v = dict(hidden=self.hidden, num_ranks=self.num_ranks, num_experts=self.num_experts, num_topk=self.num_topk,
+                 threads=self.threads, max_ranks=MAX_RANKS, max_topk=MAX_TOPK, slot_bytes=slot_bytes(self.hidden),
+                 header_bytes=self.header_bytes, flags_dispatch=FLAGS_DISPATCH, flags_combine=FLAGS_COMBINE,
+                 flags_weights=FLAGS_WEIGHTS)
+        if self.kind != "combine":
+            v.update(use_fp8=self.use_fp8, round_scale=self.kind in ("fp8_round", "fp8_ue8m0"),
+                     use_ue8m0=self.kind == "fp8_ue8m0", payload_bytes=self.payload_bytes,
+                     scale_bytes=self.scale_bytes, message_bytes=self.message_bytes)
+        return v
 
     def name_fields(self) -> str:
         return f"{self.kind}_h{self.hidden}_r{self.num_ranks}_e{self.num_experts}_k{self.num_topk}"
@@ -70,12 +84,19 @@ class LowLatencySpec(KernelSpec):
         return header_bytes(self.num_topk)
 
     @property
+    def payload_bytes(self) -> int:
+        """A dispatch message's row: e4m3 bytes or bf16."""
+        return self.hidden if self.use_fp8 else 2 * self.hidden
+
+    @property
+    def scale_bytes(self) -> int:
+        """A dispatch message's fp32 scales (one per 128 channels, FP8 only), padded to 16 bytes."""
+        return 16 * -(-(self.hidden // 128) // 4) if self.use_fp8 else 0
+
+    @property
     def message_bytes(self) -> int:
-        """Bytes of one dispatch message (one per token and destination rank): header, payload, fp32
-        scales padded to 16 bytes."""
-        if self.use_fp8:
-            return self.header_bytes + self.hidden + 16 * -(-(self.hidden // 128) // 4)
-        return self.header_bytes + 2 * self.hidden
+        """Bytes of one dispatch message (one per token and destination rank): header, payload, scales."""
+        return self.header_bytes + self.payload_bytes + self.scale_bytes
 
     @property
     def send_smem(self) -> int:
@@ -87,6 +108,25 @@ class LowLatencySpec(KernelSpec):
     def recv_smem(self) -> int:
         """Dynamic shared memory of the dispatch receive kernel: the first row of each (source, expert)."""
         return 4 * self.num_experts
+
+
+@dataclasses.dataclass(frozen=True)
+class BarrierSpec(KernelSpec):
+    """The device barrier of clean_low_latency_buffer: one block of BARRIER_THREADS, any rank count."""
+
+    family = "low_latency_barrier"
+    template = "low_latency_barrier.cu.j2"
+
+    num_ranks: int
+
+    def validate(self) -> None:
+        check_int(type(self).__name__, "num_ranks", self.num_ranks, 1, min(MAX_RANKS, BARRIER_THREADS))
+
+    def template_vars(self):
+        return dict(num_ranks=self.num_ranks, threads=BARRIER_THREADS)
+
+    def name_fields(self) -> str:
+        return f"r{self.num_ranks}"
 
 
 def _align(n: int) -> int:
@@ -181,3 +221,111 @@ def max_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_expert
     while m > 0 and BufferLayout(m, hidden, num_ranks, num_experts).total_bytes > num_bytes:
         m -= 1
     return m
+
+
+def deployment_specs(deployment) -> list[KernelSpec]:
+    """Every low-latency kernel a deployment needs: four dispatch formats, combine and the barrier per EP size.
+
+    None when the shape is outside what low-latency mode supports (hidden a multiple of 128,
+    at most 64 ranks, top-k at most 32): such a deployment uses the normal mode only."""
+    if deployment.hidden % 128 or deployment.num_topk > MAX_TOPK:
+        return []
+    specs: list[KernelSpec] = []
+    for r in deployment.ep_sizes:
+        if r <= MAX_RANKS:
+            specs += [LowLatencySpec(kind, deployment.hidden, r, deployment.num_experts, deployment.num_topk)
+                      for kind in KINDS]
+            specs.append(BarrierSpec(r))
+    return specs
+
+
+# -- launchers ----------------------------------------------------------------------------------
+# Each entry point's parameters, in the order of its template's signature.
+DISPATCH_SEND_PARAMS = KernelParams(
+    "send", "x topk_idx num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 recv_off:i64 "
+    "mask epoch_counter send_ticket")
+DISPATCH_RECV_PARAMS = KernelParams(
+    "recv", "recv_x recv_scales recv_count src_info layout_range token_rows recv_tokens cumulative_stats wait_stats "
+    "max_tokens:i32 rank:i32 local_base:u64 flags_off:i64 counts_off:i64 recv_off:i64 mask timeout_ns:u64 "
+    "epoch_counter")
+DISPATCH_SEND_RECV_PARAMS = KernelParams(
+    "send_recv", "x topk_idx num_tokens:i32 recv_x recv_scales recv_count src_info layout_range token_rows "
+    "recv_tokens cumulative_stats wait_stats max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 "
+    "recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket")
+COMBINE_SEND_PARAMS = KernelParams(
+    "send", "x token_rows recv_tokens topk_weights num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 "
+    "weights_off:i64 recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket")
+COMBINE_RECV_PARAMS = KernelParams(
+    "recv", "out topk_idx num_tokens:i32 max_tokens:i32 local_base:u64 flags_off:i64 recv_off:i64 mask "
+    "timeout_ns:u64 epoch_counter wait_stats")
+COMBINE_SEND_RECV_PARAMS = KernelParams(
+    "send_recv", "x token_rows recv_tokens topk_weights topk_idx out num_tokens:i32 max_tokens:i32 rank:i32 "
+    "ptr_table flags_off:i64 weights_off:i64 recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket wait_stats")
+BARRIER_PARAMS = KernelParams("barrier", "ptr_table barrier_off:i64 rank:i32 epoch mask timeout_ns:u64")
+PARAMS = {"dispatch": (DISPATCH_SEND_PARAMS, DISPATCH_RECV_PARAMS, DISPATCH_SEND_RECV_PARAMS),
+          "combine": (COMBINE_SEND_PARAMS, COMBINE_RECV_PARAMS, COMBINE_SEND_RECV_PARAMS),
+          "barrier": (BARRIER_PARAMS,)}
+
+
+def launch_dispatch(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sms: int, *, x, topk_idx, rank,
+                    ptr_table, local_base, mask, timeout_ns, epoch_counter, send_ticket, recv_x, recv_scales,
+                    recv_count, src_info, layout_range, token_rows, recv_tokens, cumulative_stats, wait_stats,
+                    with_hook: bool):
+    """Dispatch through buffer idx of layout: one send_recv launch of num_sms blocks and None, or
+    (with_hook) the send launch now and the receive launch returned as the hook."""
+    module = get_module(spec, x.device.index)
+    num_tokens, max_tokens = x.shape[0], layout.max_tokens
+    offsets = dict(flags_off=layout.flags(idx), counts_off=layout.counts(idx), recv_off=layout.recv(idx))
+    outputs = dict(recv_x=recv_x, recv_scales=recv_scales, recv_count=recv_count, src_info=src_info,
+                   layout_range=layout_range, token_rows=token_rows, recv_tokens=recv_tokens,
+                   cumulative_stats=cumulative_stats, wait_stats=wait_stats)
+    if not with_hook:
+        module.launch("send_recv", num_sms, spec.threads, *DISPATCH_SEND_RECV_PARAMS.pack(
+            x=x, topk_idx=topk_idx, num_tokens=num_tokens, **outputs, max_tokens=max_tokens, rank=rank,
+            ptr_table=ptr_table, **offsets, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter,
+            send_ticket=send_ticket), smem=max(spec.send_smem, spec.recv_smem))
+        return None
+    module.launch("send", max(1, min(num_tokens, num_sms)), spec.threads, *DISPATCH_SEND_PARAMS.pack(
+        x=x, topk_idx=topk_idx, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank, ptr_table=ptr_table,
+        **offsets, mask=mask, epoch_counter=epoch_counter, send_ticket=send_ticket), smem=spec.send_smem)
+    recv_args = DISPATCH_RECV_PARAMS.pack(**outputs, max_tokens=max_tokens, rank=rank, local_base=local_base,
+                                          **offsets, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter)
+
+    def hook():
+        module.launch("recv", num_sms, spec.threads, *recv_args, smem=spec.recv_smem)
+    return hook
+
+
+def launch_combine(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sms: int, *, x, token_rows,
+                   recv_tokens, topk_weights, topk_idx, out, rank, ptr_table, local_base, mask, timeout_ns,
+                   epoch_counter, send_ticket, wait_stats, with_hook: bool):
+    """Combine through buffer idx of layout: one send_recv launch of num_sms blocks and None, or
+    (with_hook) the send launch now and the receive launch returned as the hook."""
+    module = get_module(spec, out.device.index)
+    num_tokens, max_tokens = topk_idx.shape[0], layout.max_tokens
+    flags_off, recv_off = layout.flags(idx), layout.recv(idx)
+    if not with_hook:
+        module.launch("send_recv", num_sms, spec.threads, *COMBINE_SEND_RECV_PARAMS.pack(
+            x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights, topk_idx=topk_idx,
+            out=out, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank, ptr_table=ptr_table,
+            flags_off=flags_off, weights_off=layout.weights(idx), recv_off=recv_off, mask=mask, timeout_ns=timeout_ns,
+            epoch_counter=epoch_counter, send_ticket=send_ticket, wait_stats=wait_stats))
+        return None
+    module.launch("send", num_sms, spec.threads, *COMBINE_SEND_PARAMS.pack(
+        x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights, num_tokens=num_tokens,
+        max_tokens=max_tokens, rank=rank, ptr_table=ptr_table, flags_off=flags_off, weights_off=layout.weights(idx),
+        recv_off=recv_off, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter, send_ticket=send_ticket))
+    recv_args = COMBINE_RECV_PARAMS.pack(out=out, topk_idx=topk_idx, num_tokens=num_tokens, max_tokens=max_tokens,
+                                         local_base=local_base, flags_off=flags_off, recv_off=recv_off, mask=mask,
+                                         timeout_ns=timeout_ns, epoch_counter=epoch_counter, wait_stats=wait_stats)
+
+    def hook():
+        module.launch("recv", max(1, min(num_tokens, num_sms)), spec.threads, *recv_args)
+    return hook
+
+
+def launch_barrier(num_ranks: int, *, ptr_table, rank, epoch, mask, timeout_ns) -> None:
+    """One device barrier over the ranks' barrier counters (at BARRIER_OFF of every buffer)."""
+    spec = BarrierSpec(num_ranks)
+    get_module(spec, ptr_table.device.index).launch("barrier", 1, BARRIER_THREADS, *BARRIER_PARAMS.pack(
+        ptr_table=ptr_table, barrier_off=BARRIER_OFF, rank=rank, epoch=epoch, mask=mask, timeout_ns=timeout_ns))

@@ -1,19 +1,19 @@
 """Intranode (NVLink) kernel family: the spec, the peer-buffer layout and the launch wrappers.
 
-One spec per kernel of templates/intranode.cu.j2:
-  notify   specialized on the rank count;
-  dispatch on (dtype, hidden, ranks, top-k, SMs, warp split);
-  combine  on (hidden, ranks, top-k, SMs, warp split).
+One spec per kernel, one template per kernel (shared device code in templates/include/):
+  notify   templates/intranode_notify.cu.j2,   specialized on the rank count;
+  dispatch templates/intranode_dispatch.cu.j2, on (dtype, hidden, ranks, top-k, SMs, warp split);
+  combine  templates/intranode_combine.cu.j2,  on (hidden, ranks, top-k, SMs, warp split).
 Token counts, expert counts, alignment and buffer offsets are run-time arguments, so batch sizes
-never trigger a compile.
+never trigger a compile. Every size both sides agree on (slot layout, header offsets, limits,
+status codes) is computed here and handed to the template; each kernel's argument list is a
+KernelParams below, which tests/test_kernel_params.py checks against the template.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-from epkern.codegen import KernelSpec, check_choice, check_int, get_module
+from epkern.codegen import KernelParams, KernelSpec, check_choice, check_int, get_module
 
 MAX_RANKS = 8
 MAX_BLOCKS = 132
@@ -29,18 +29,40 @@ HEADER_BYTES = 1 << 20
 FLAG_FRACTION = 17          # the flag area takes 1/17 of the rest: 4 bytes per >= 64-byte slot
 NOTIFY_THREADS = 1024
 
+# host-mapped status word: 0x80000000 | kind << 24 | kernel << 16 | rank (templates/include/intranode_sync.cuh.j2)
+STATUS_TIMEOUT = 1    # waited for `rank` past the deadline
+STATUS_OVERFLOW = 2   # a row for `rank` does not fit its buffer
+KERNEL_IDS = {"notify": 1, "dispatch": 2, "combine": 3}
+
+
+def decode_status(word: int) -> tuple[int, str, int]:
+    """(kind, kernel name, rank) of a nonzero status word."""
+    kernel = (word >> 16) & 0xFF
+    name = next((k for k, v in KERNEL_IDS.items() if v == kernel), f"kernel {kernel}")
+    return (word >> 24) & 0x7F, name, word & 0xFFFF
+
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def dispatch_row_bytes(hidden: int, fp8: bool) -> int:
+    """A dispatch slot's row: bf16 (or e4m3 bytes and their fp32 scales, one per 128), padded to 16."""
+    return _round_up(hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0), 16)
+
+
 def dispatch_slot_bytes(hidden: int, num_topk: int, fp8: bool) -> int:
-    row = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
-    return _round_up(row, 16) + _round_up(16 + 8 * num_topk, 16)
+    """The row, then {src_idx, -, -, -, idx[K], w[K]} padded to 16."""
+    return dispatch_row_bytes(hidden, fp8) + _round_up(16 + 8 * num_topk, 16)
+
+
+def combine_row_bytes(hidden: int) -> int:
+    return _round_up(hidden * 2, 16)
 
 
 def combine_slot_bytes(hidden: int, num_topk: int) -> int:
-    return _round_up(hidden * 2, 16) + _round_up(4 * num_topk, 16)
+    """The bf16 row, then its fp32 top-k weights padded to 16."""
+    return combine_row_bytes(hidden) + _round_up(4 * num_topk, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +103,6 @@ def required_bytes(num_slots: int, slot_bytes: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class IntranodeSpec(KernelSpec):
     family = "intranode"
-    template = "intranode.cu.j2"
 
     kernel: str                 # notify | dispatch | combine
     num_ranks: int
@@ -126,14 +147,30 @@ class IntranodeSpec(KernelSpec):
     def dynamic_smem(self) -> int:
         return self.send_warps * COMBINE_STAGES * self.chunk_bytes
 
+    @property
+    def template(self) -> str:
+        return f"intranode_{self.kernel}.cu.j2"
+
     def template_vars(self):
-        row_int4 = self.hidden * (1 if self.dtype == "fp8" else 2) // 16
-        return dict(kernel=self.kernel, num_ranks=self.num_ranks, hidden=self.hidden, num_topk=self.num_topk,
-                    fp8=self.dtype == "fp8", num_sms=self.num_sms, send_warps=self.send_warps,
-                    recv_warps=self.recv_warps, threads=self.threads, unroll=max(1, min(8, -(-row_int4 // 32))),
-                    chunk_bytes=self.chunk_bytes, stages=COMBINE_STAGES,
-                    ready_off=READY_OFF, notify_off=NOTIFY_OFF, chunk_off=CHUNK_OFF, counts_off=COUNTS_OFF,
-                    max_blocks=MAX_BLOCKS)
+        v = dict(num_ranks=self.num_ranks, max_ranks=MAX_RANKS, threads=self.threads,
+                 ready_off=READY_OFF, notify_off=NOTIFY_OFF, chunk_off=CHUNK_OFF, counts_off=COUNTS_OFF,
+                 max_blocks=MAX_BLOCKS, fail_timeout=STATUS_TIMEOUT, fail_overflow=STATUS_OVERFLOW,
+                 kernel_ids=KERNEL_IDS)
+        if self.kernel == "notify":
+            return v
+        v.update(hidden=self.hidden, num_topk=self.num_topk, max_topk=MAX_TOPK, num_sms=self.num_sms,
+                 send_warps=self.send_warps, recv_warps=self.recv_warps)
+        if self.kernel == "dispatch":
+            fp8 = self.dtype == "fp8"
+            row_int4 = self.hidden * (1 if fp8 else 2) // 16
+            v.update(fp8=fp8, x_row_bytes=self.hidden * (1 if fp8 else 2), num_scales=self.hidden // 128 if fp8 else 0,
+                     row_bytes=dispatch_row_bytes(self.hidden, fp8),
+                     slot_bytes=dispatch_slot_bytes(self.hidden, self.num_topk, fp8),
+                     unroll=max(1, min(8, -(-row_int4 // 32))))
+        else:
+            v.update(row_bytes=combine_row_bytes(self.hidden), slot_bytes=combine_slot_bytes(self.hidden, self.num_topk),
+                     chunk_bytes=self.chunk_bytes, stages=COMBINE_STAGES)
+        return v
 
     def name_fields(self) -> str:
         if self.kernel == "notify":
@@ -166,15 +203,33 @@ def combine_spec(num_ranks: int, hidden: int, num_topk: int, num_sms: int) -> In
 
 
 # -- launch wrappers (arguments already validated by the backend) ---------------------------------
+# Each kernel's parameters in the order of its template's signature.
+NOTIFY_PARAMS = KernelParams(
+    "notify", "is_token_in_rank num_tokens_per_rank num_tokens_per_expert num_tokens:i32 experts_per_rank:i32 "
+    "expert_alignment:i32 rank:i32 seq:u32 ptr_table timeout_ns:u64 rank_prefix_matrix send_head "
+    "recv_expert_counts host_out:addr status:addr")
+DISPATCH_PARAMS = KernelParams(
+    "dispatch", "x x_scales topk_idx topk_weights send_head rank_prefix_matrix num_tokens:i32 num_out_rows:i32 "
+    "experts_per_rank:i32 rank:i32 seq:u32 ptr_table flags_off:u64 payload_off:u64 slot_capacity:i64 "
+    "timeout_ns:u64 recv_x recv_x_scales recv_topk_idx recv_topk_weights recv_src_idx status:addr")
+COMBINE_PARAMS = KernelParams(
+    "combine", "x topk_weights recv_src_idx rank_prefix_matrix send_head num_tokens:i32 rank:i32 seq:u32 "
+    "ptr_table flags_off:u64 payload_off:u64 slot_capacity:i64 timeout_ns:u64 bias0 bias1 combined_x "
+    "combined_weights status:addr")
+PARAMS = {"notify": (NOTIFY_PARAMS,), "dispatch": (DISPATCH_PARAMS,), "combine": (COMBINE_PARAMS,)}
+
+
 def launch_notify(stream, num_ranks, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, expert_alignment,
                   rank, seq, ptr_table, timeout_ns, rank_prefix_matrix, send_head, recv_expert_counts,
                   host_out_ptr, status_ptr):
     spec = notify_spec(num_ranks)
     get_module(spec, is_token_in_rank.device.index).launch(
-        "notify", 1, spec.threads, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-        np.int32(is_token_in_rank.shape[0]), np.int32(num_tokens_per_expert.numel() // num_ranks),
-        np.int32(expert_alignment), np.int32(rank), np.uint32(seq), ptr_table, np.uint64(timeout_ns),
-        rank_prefix_matrix, send_head, recv_expert_counts, np.uint64(host_out_ptr), np.uint64(status_ptr),
+        "notify", 1, spec.threads, *NOTIFY_PARAMS.pack(
+            is_token_in_rank=is_token_in_rank, num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_expert=num_tokens_per_expert, num_tokens=is_token_in_rank.shape[0],
+            experts_per_rank=num_tokens_per_expert.numel() // num_ranks, expert_alignment=expert_alignment,
+            rank=rank, seq=seq, ptr_table=ptr_table, timeout_ns=timeout_ns, rank_prefix_matrix=rank_prefix_matrix,
+            send_head=send_head, recv_expert_counts=recv_expert_counts, host_out=host_out_ptr, status=status_ptr),
         stream=stream)
 
 
@@ -182,21 +237,27 @@ def launch_dispatch(stream, spec: IntranodeSpec, x, x_scales, topk_idx, topk_wei
                     num_out_rows, experts_per_rank, rank, seq, ptr_table, layout: PeerLayout, slot_capacity,
                     timeout_ns, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, status_ptr):
     get_module(spec, x.device.index).launch(
-        "dispatch", spec.num_sms, spec.threads, x, x_scales, topk_idx, topk_weights, send_head, rank_prefix_matrix,
-        np.int32(x.shape[0]), np.int32(num_out_rows), np.int32(experts_per_rank), np.int32(rank), np.uint32(seq),
-        ptr_table, np.uint64(layout.flags_off), np.uint64(layout.payload_off), np.int64(slot_capacity),
-        np.uint64(timeout_ns), recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
-        np.uint64(status_ptr), stream=stream)
+        "dispatch", spec.num_sms, spec.threads, *DISPATCH_PARAMS.pack(
+            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_head=send_head,
+            rank_prefix_matrix=rank_prefix_matrix, num_tokens=x.shape[0], num_out_rows=num_out_rows,
+            experts_per_rank=experts_per_rank, rank=rank, seq=seq, ptr_table=ptr_table, flags_off=layout.flags_off,
+            payload_off=layout.payload_off, slot_capacity=slot_capacity, timeout_ns=timeout_ns, recv_x=recv_x,
+            recv_x_scales=recv_x_scales, recv_topk_idx=recv_topk_idx, recv_topk_weights=recv_topk_weights,
+            recv_src_idx=recv_src_idx, status=status_ptr),
+        stream=stream)
 
 
 def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, rank_prefix_matrix, send_head,
                    rank, seq, ptr_table, layout: PeerLayout, slot_capacity, timeout_ns, bias0, bias1,
                    combined_x, combined_weights, status_ptr):
     get_module(spec, x.device.index).launch(
-        "combine", spec.num_sms, spec.threads, x, topk_weights, recv_src_idx, rank_prefix_matrix, send_head,
-        np.int32(send_head.shape[0]), np.int32(rank), np.uint32(seq), ptr_table, np.uint64(layout.flags_off),
-        np.uint64(layout.payload_off), np.int64(slot_capacity), np.uint64(timeout_ns), bias0, bias1,
-        combined_x, combined_weights, np.uint64(status_ptr), smem=spec.dynamic_smem, stream=stream)
+        "combine", spec.num_sms, spec.threads, *COMBINE_PARAMS.pack(
+            x=x, topk_weights=topk_weights, recv_src_idx=recv_src_idx, rank_prefix_matrix=rank_prefix_matrix,
+            send_head=send_head, num_tokens=send_head.shape[0], rank=rank, seq=seq, ptr_table=ptr_table,
+            flags_off=layout.flags_off, payload_off=layout.payload_off, slot_capacity=slot_capacity,
+            timeout_ns=timeout_ns, bias0=bias0, bias1=bias1, combined_x=combined_x,
+            combined_weights=combined_weights, status=status_ptr),
+        smem=spec.dynamic_smem, stream=stream)
 
 
 def deployment_specs(deployment) -> list[IntranodeSpec]:

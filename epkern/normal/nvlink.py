@@ -21,8 +21,6 @@ from . import kernels as ik
 from .handle import DispatchHandle
 from ..peer_memory import HostMapped, PeerBuffer
 
-_KERNELS = {1: "intranode notify", 2: "intranode dispatch", 3: "intranode combine"}
-
 
 class PeerTimeoutError(TimeoutError):
     """A peer rank did not arrive within the timeout."""
@@ -66,9 +64,9 @@ class NvlinkBackend:
         word = int(self._status_word[0])
         if not word:
             return
-        kind, kernel, peer = (word >> 24) & 0x7F, (word >> 16) & 0xFF, word & 0xFFFF
-        name = _KERNELS.get(kernel, f"kernel {kernel}")
-        if kind == 1:
+        kind, kernel, peer = ik.decode_status(word)
+        name = f"intranode {kernel}"
+        if kind == ik.STATUS_TIMEOUT:
             raise PeerTimeoutError(f"{name} on rank {self.rank}: rank {peer} did not arrive within {self.timeout_s:g} s "
                                    "(it died, hangs, or issued different calls); this buffer is unusable, destroy it")
         raise BufferOverflowError(f"{name} on rank {self.rank}: rows for rank {peer} do not fit its "

@@ -1,0 +1,142 @@
+"""Every launcher's argument list against its template's signature, without a GPU.
+
+Each kernel family states its entry points' parameters once (KernelParams in epkern/normal/kernels.py
+and epkern/low_latency/kernels.py); the launchers pack their arguments with them. Here the rendered
+`extern "C" __global__` signatures are parsed and compared name by name and type by type, and every
+launcher runs against a recording module, so a renamed, added or reordered parameter on either side
+fails on CPU instead of corrupting a launch on the GPU.
+"""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from epkern.codegen import KernelParams
+from epkern.codegen.launch import kernel_args
+from epkern.low_latency import kernels as llk
+from epkern.normal import kernels as ik
+
+# C parameter type -> KernelParams type
+SCALARS = {"int": "i32", "uint32_t": "u32", "unsigned int": "u32", "int64_t": "i64", "uint64_t": "u64", "float": "f32"}
+
+SPECS = [
+    (ik.notify_spec(8), ik.PARAMS["notify"]),
+    (ik.dispatch_spec(4, 7168, 8, False, 24), ik.PARAMS["dispatch"]),
+    (ik.dispatch_spec(2, 2048, 0, True, 20), ik.PARAMS["dispatch"]),
+    (ik.combine_spec(8, 7168, 8, 24), ik.PARAMS["combine"]),
+    *[(llk.LowLatencySpec(kind, 7168, 8, 256, 8), llk.PARAMS["dispatch"]) for kind in llk.DISPATCH_KINDS],
+    (llk.LowLatencySpec("combine", 7168, 8, 256, 8), llk.PARAMS["combine"]),
+    (llk.BarrierSpec(8), llk.PARAMS["barrier"]),
+]
+
+
+def kernel_signatures(source: str) -> dict[str, list[tuple[str, str]]]:
+    """kernel name -> [(parameter name, KernelParams type)] of every extern "C" __global__ function."""
+    source = re.sub(r"//[^\n]*", "", source)
+    out = {}
+    pattern = r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)'
+    for name, params in re.findall(pattern, source):
+        parsed = []
+        for param in params.split(","):
+            param = " ".join(param.replace("__restrict__", "").split())
+            ctype, pname = re.fullmatch(r"(.*?)\s*(\w+)", param).groups()
+            if "*" in ctype:
+                kind = "ptr"
+            else:
+                kind = SCALARS[ctype.replace("const ", "")]
+            parsed.append((pname, kind))
+        out[name] = parsed
+    return out
+
+
+@pytest.mark.parametrize("spec,params", SPECS, ids=lambda x: getattr(x, "symbol", ""))
+def test_template_signatures_match_the_declared_parameters(spec, params):
+    kernels = kernel_signatures(spec.render())
+    assert set(kernels) == {f"{spec.symbol}_{p.entry}" for p in params}
+    for p in params:
+        template = kernels[f"{spec.symbol}_{p.entry}"]
+        declared = [(n, "ptr" if t == "addr" else t) for n, t in zip(p.names, p.types)]
+        assert [n for n, _ in template] == list(p.names), f"{p.entry}: parameter names or order differ"
+        assert template == declared, f"{p.entry}: parameter types differ"
+
+
+def test_the_parser_sees_every_parameter():
+    src = ('extern "C" __global__ void __launch_bounds__(64)\nk_x(const int4* __restrict__ a,  // [T] in\n'
+           '    int n, uint64_t t, unsigned int* c)\n{}')
+    assert kernel_signatures(src) == {"k_x": [("a", "ptr"), ("n", "i32"), ("t", "u64"), ("c", "ptr")]}
+
+
+def test_pack_orders_casts_and_names_mistakes():
+    p = KernelParams("k", "x n:i32 seq:u32 off:i64 addr:addr")
+    x = torch.zeros(2)
+    args = p.pack(off=5, addr=1 << 40, seq=7, n=3, x=x)
+    assert args[0] is x and [type(a) for a in args[1:]] == [np.int32, np.uint32, np.int64, np.uint64]
+    assert args[1:] == [3, 7, 5, 1 << 40]
+    with pytest.raises(TypeError, match=r"missing arguments \['seq'\].*unknown arguments \['sq'\]"):
+        p.pack(x=x, n=3, sq=7, off=5, addr=0)
+    with pytest.raises(TypeError, match=r"missing arguments \['addr'\]"):
+        p.pack(x=x, n=3, seq=7, off=5)
+    with pytest.raises(ValueError, match="unknown types"):
+        KernelParams("k", "x:int")
+
+
+# -- every launcher against a recording module ----------------------------------------------------
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, entry, grid, block, *args, smem=0, stream=None):
+        self.calls.append((entry, args))
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(ik, "get_module", lambda spec, device=None: rec)
+    monkeypatch.setattr(llk, "get_module", lambda spec, device=None: rec)
+    return rec
+
+
+def _check(rec, params_by_entry):
+    assert rec.calls
+    for entry, args in rec.calls:
+        assert len(args) == len(params_by_entry[entry].names)
+        kernel_args(args)   # no untyped Python scalar reaches the launch
+
+
+def test_normal_launchers_pass_every_parameter(recorder):
+    t = torch.zeros(4, 2, dtype=torch.int32)
+    layout = ik.PeerLayout(64 << 20)
+    ik.launch_notify(None, 2, t, t, t, 1, 0, 1, t, 10, t, t, t, 1 << 30, 1 << 31)
+    spec = ik.dispatch_spec(2, 4096, 8, False, 20)
+    ik.launch_dispatch(None, spec, t, None, t, t, t, t, 16, 4, 0, 2, t, layout, 100, 10, t, None, t, t, t, 1 << 31)
+    spec = ik.combine_spec(2, 4096, 8, 20)
+    ik.launch_combine(None, spec, t, t, t, t, t, 0, 3, t, layout, 100, 10, None, None, t, t, 1 << 31)
+    _check(recorder, {p.entry: p for ps in ik.PARAMS.values() for p in ps})
+
+
+@pytest.mark.parametrize("with_hook", [False, True])
+def test_low_latency_launchers_pass_every_parameter(recorder, with_hook):
+    t = torch.zeros(4, 2, dtype=torch.int32)
+    layout = llk.BufferLayout(8, 7168, 2, 16)
+    common = dict(rank=0, ptr_table=t, local_base=1 << 40, mask=t, timeout_ns=np.uint64(10), epoch_counter=t,
+                  send_ticket=t, with_hook=with_hook)
+    spec = llk.LowLatencySpec("fp8", 7168, 2, 16, 2)
+    hook = llk.launch_dispatch(spec, layout, 1, 8, x=t, topk_idx=t, recv_x=t, recv_scales=t, recv_count=t,
+                               src_info=t, layout_range=t, token_rows=t, recv_tokens=t, cumulative_stats=None,
+                               wait_stats=None, **common)
+    if with_hook:
+        hook()
+    _check(recorder, {p.entry: p for p in llk.PARAMS["dispatch"]})
+    recorder.calls.clear()
+    spec = llk.LowLatencySpec("combine", 7168, 2, 16, 2)
+    hook = llk.launch_combine(spec, layout, 0, 8, x=t, token_rows=t, recv_tokens=t, topk_weights=t, topk_idx=t,
+                              out=t, wait_stats=None, **common)
+    if with_hook:
+        hook()
+    _check(recorder, {p.entry: p for p in llk.PARAMS["combine"]})
+    assert [e for e, _ in recorder.calls] == (["send", "recv"] if with_hook else ["send_recv"])
+    recorder.calls.clear()
+    llk.launch_barrier(2, ptr_table=t, rank=1, epoch=t, mask=t, timeout_ns=np.uint64(10))
+    _check(recorder, {"barrier": llk.BARRIER_PARAMS})
