@@ -181,13 +181,13 @@ class IntranodeSpec(KernelSpec):
 
 
 # warp split per kernel: senders keep NVLink busy, receivers/reducers drain what arrived. Measured
-# at 24 SMs on 2 x H200 (benchmarks/intranode_sweep.py, results/intranode_sweep*.json): dispatch is
+# at 24 SMs on 2 x H200 (benchmarks/intranode_sweep.py; figures in benchmarks/intranode_notes.md): dispatch is
 # best at 12 + 6 (16 + 8 within noise); combine is bound by its reducers: 10+10 424 us, 16+16 387,
 # 12+20 353, 8+24 348.
 DISPATCH_WARPS = (12, 6)
 COMBINE_WARPS = (8, 24)
 COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 2 stages x 8 KB = 128 KB of shared memory
-COMBINE_STAGES = 2   # 3 measured no faster (results/intranode_sweep_tma3.json)
+COMBINE_STAGES = 2   # 3 measured no faster (benchmarks/intranode_notes.md)
 
 
 def notify_spec(num_ranks: int) -> IntranodeSpec:
