@@ -126,16 +126,6 @@ def run(rank: int, world: int) -> None:
     portable.destroy()
 
 
-def _spawned(rank: int, world: int, init_file: str) -> None:
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
-    try:
-        run(rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
 def main() -> None:
     os.environ.setdefault("EPKERN_CHECK_VALUES", "0")   # DeepEP does not sync to check ids either
     if "RANK" in os.environ:   # torchrun
@@ -147,12 +137,9 @@ def main() -> None:
         finally:
             dist.destroy_process_group()
         return
-    import tempfile
+    from epkern.testing import multiproc
 
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_spawned, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+    multiproc.run(run, 2, "nccl")
 
 
 if __name__ == "__main__":

@@ -9,21 +9,20 @@ Kernel times from the profiler, as in benchmarks/intranode.py.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from benchmarks.harness import Bench, summarize
 from benchmarks.intranode import HIDDEN, NUM_EXPERTS, kernel_times_us, make_inputs
+from epkern.testing import multiproc
 
 SMS = 24
 DISPATCH_SPLITS = [(12, 6), (16, 8)]
 COMBINE_SPLITS = [(8, 24), (6, 24), (8, 20)]
 
 
-def run(rank: int) -> None:
+def run(rank: int, world: int) -> None:
     import epkern.buffer as B
     import epkern.normal.kernels as ik
 
@@ -57,20 +56,9 @@ def run(rank: int) -> None:
     buf.destroy()
 
 
-def _spawned(rank: int, init_file: str) -> None:
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            device_id=torch.device("cuda", rank))
-    try:
-        run(rank)
-    finally:
-        dist.destroy_process_group()
-
-
 def main() -> None:
     os.environ.setdefault("EPKERN_CHECK_VALUES", "0")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_spawned, args=(os.path.join(tmp, "init"),), nprocs=2, join=True)
+    multiproc.run(run, 2, "nccl")
 
 
 if __name__ == "__main__":

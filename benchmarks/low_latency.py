@@ -18,11 +18,11 @@ REFERENCE.md) give the floor rows. DeepEP sends one message per (token, expert):
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
 import torch
 import torch.distributed as dist
+
+from epkern.testing import multiproc
 
 H, E, K = 7168, 256, 8
 M = 256
@@ -77,14 +77,11 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in sums.items()}
 
 
-def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sms: int, name: str):
+def _worker(rank: int, num_ranks: int, tokens_list: list[int], num_sms: int, name: str):
     from benchmarks.harness import Bench
     from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
     from epkern.low_latency.kernels import LowLatencySpec
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=num_ranks, device_id=torch.device("cuda", rank))
     buf = LowLatencyBuffer(dist.group.WORLD, get_low_latency_rdma_size_hint(M, H, num_ranks, E), timeout_s=20.0,
                            num_sms=num_sms)
     bench = Bench(name, warmup=10, repeats=60)
@@ -137,7 +134,6 @@ def _worker(rank: int, num_ranks: int, port: int, tokens_list: list[int], num_sm
         bench.save(meta={"deepep_v1_2_1_us_128_tokens": DEEPEP, "note": "EP=2 on 2 x H200, FP8 dispatch, BF16 combine"})
     dist.barrier()
     buf.destroy()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -146,11 +142,8 @@ def main() -> None:
     parser.add_argument("--num-sms", type=int, default=132)
     parser.add_argument("--name", default="low_latency", help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     tokens = [int(t) for t in args.tokens.split(",")]
-    torch.multiprocessing.spawn(_worker, args=(2, port, tokens, args.num_sms, args.name), nprocs=2, join=True)
+    multiproc.run(_worker, 2, "nccl", tokens, args.num_sms, args.name)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.distributed as dist
 
 from epkern.normal.handle import aligned_counts, send_head_from_counts
+from epkern.testing.multiproc import all_gather
 
 
 def token_rows(rank: int, num_tokens: int, hidden: int, device) -> torch.Tensor:
@@ -56,12 +56,6 @@ def reference(all_x, all_topk, all_w, rank, num_ranks, num_experts):
     return torch.cat(rows), torch.cat(idx), torch.cat(w), torch.cat(src), counts, per_expert
 
 
-def _gather(t, group, num_ranks):
-    out = [torch.empty_like(t) for _ in range(num_ranks)]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
-
-
 def _wait(event, async_finish):
     if async_finish:
         event.current_stream_wait()
@@ -80,9 +74,9 @@ def run_matrix(buffer, group, rank, num_ranks, device, seed, *, num_tokens=67, h
     num_experts = num_experts or 4 * num_ranks
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     x, topk_idx, topk_weights = make_inputs(rank, num_tokens, hidden, num_experts, num_topk, gen, device)
-    all_x = _gather(x, group, num_ranks)
-    all_topk = _gather(topk_idx, group, num_ranks)
-    all_w = _gather(topk_weights, group, num_ranks)
+    all_x = all_gather(x, group)
+    all_topk = all_gather(topk_idx, group)
+    all_w = all_gather(topk_weights, group)
     ref_rows, ref_idx, ref_w, ref_src, ref_counts, ref_per_expert = reference(
         all_x, all_topk, all_w, rank, num_ranks, num_experts)
 

@@ -4,22 +4,15 @@ Rows encode their origin (every column = source rank - 128, the last 128 columns
 a few top-k entries are -1, one token has all its experts on rank 0 and one has none; counts, layout ranges, source indices and data are checked against the
 all-gathered top-k, combine against x * sum(weights of the experts that answered).
 """
-import os
-import socket
-
 import pytest
 import torch
+
+from epkern.testing import multiproc
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 T, M, H, E, K = 50, 64, 2944, 32, 8   # T < M; H = 23 scale groups (odd chunk, padded UE8M0 word)
 FORMATS = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int, seed: int):
@@ -115,33 +108,20 @@ def _round_trip(buf, rank, num_ranks, x, topk_idx, weights, fmt, hook, async_fin
     return recv, count, handle, stats, combined
 
 
-def _gather_topk(topk_idx, num_ranks):
-    """[R, T, K] top-k of every rank (through the CPU when the group is gloo)."""
+def _gather_topk(topk_idx):
+    """[R, T, K] top-k of every rank."""
     import torch.distributed as dist
 
-    if dist.get_backend() == "nccl":
-        out = torch.empty(num_ranks, T, K, dtype=torch.int64, device="cuda")
-        dist.all_gather_into_tensor(out, topk_idx)
-        return out
-    parts = [torch.empty(T, K, dtype=torch.int64) for _ in range(num_ranks)]
-    dist.all_gather(parts, topk_idx.cpu())
-    return torch.stack(parts).cuda()
+    return torch.stack(multiproc.all_gather(topk_idx, dist.group.WORLD))
 
 
-def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
-    """One rank of the round-trip checks. backend="gloo" with num_gpus < num_ranks runs several ranks
-    per GPU (rank r on GPU r % num_gpus; scripts/oversubscribed_ep.py)."""
+def _worker(rank, num_ranks):
+    """One rank of the round-trip checks, in a group set up by multiproc.run: "nccl" (one rank per GPU)
+    or "gloo" with ranks sharing GPUs (scripts/oversubscribed_ep.py)."""
     import torch.distributed as dist
 
     from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    gpu = rank % (num_gpus or num_ranks)
-    torch.cuda.set_device(gpu)
-    if backend == "nccl":
-        dist.init_process_group("nccl", rank=rank, world_size=num_ranks, device_id=torch.device("cuda", gpu))
-    else:
-        dist.init_process_group(backend, rank=rank, world_size=num_ranks)
     group = dist.group.WORLD
     buf = LowLatencyBuffer(group, get_low_latency_rdma_size_hint(M, H, num_ranks, E), timeout_s=3.0)
     everyone = torch.ones(num_ranks, dtype=torch.bool, device="cuda")
@@ -158,7 +138,7 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
     # options matrix: format x hook x async x zero-copy, twice per seed (bit-identical)
     for seed in (1, 2):
         x, topk_idx, weights = _inputs(rank, seed)
-        all_topk = _gather_topk(topk_idx, num_ranks)
+        all_topk = _gather_topk(topk_idx)
         for fmt in FORMATS:
             for hook in (False, True):
                 for zero_copy in (False, True):
@@ -222,7 +202,7 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
             buf.low_latency_update_mask_buffer(r, True)
     only_me = torch.arange(num_ranks, device="cuda") == rank
     x, topk_idx, weights = _inputs(rank, 4)
-    all_topk = _gather_topk(topk_idx, num_ranks)
+    all_topk = _gather_topk(topk_idx)
     res = _round_trip(buf, rank, num_ranks, x, topk_idx, weights, FORMATS[0], False, False, False)
     _check_dispatch(buf, rank, num_ranks, *res[:4], all_topk, FORMATS[0], only_me.tolist())
     _assert_close(res[4], _expected_combine(x, topk_idx, weights, only_me, num_ranks))
@@ -258,10 +238,9 @@ def _worker(rank, num_ranks, port, backend="nccl", num_gpus=None):
     torch.cuda.synchronize()
     dist.barrier()
     buf.destroy()
-    dist.destroy_process_group()
 
 
 def test_low_latency_two_ranks():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    multiproc.run(_worker, 2, "nccl")

@@ -200,25 +200,20 @@ def test_gpu_run_replays_in_a_cuda_graph():
     assert torch.equal(out, expected) and int(counter) == 3 * planner.n_group
 
 
-def _all_reduce_worker(rank, world, init_file, result_file):
+def _all_reduce_worker(rank, world):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, group=dist.group.WORLD)
-        _, local = lplb_workloads(256, 100 + rank, False)
-        counter = torch.zeros(1, dtype=torch.int32)
-        probs, global_workload = planner.solve_probs(local, counter)
-        torch.save({"probs": probs, "global_workload": global_workload, "local": local}, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, group=dist.group.WORLD)
+    _, local = lplb_workloads(256, 100 + rank, False)
+    counter = torch.zeros(1, dtype=torch.int32)
+    probs, global_workload = planner.solve_probs(local, counter)
+    return {"probs": probs, "global_workload": global_workload, "local": local}
 
 
-def test_group_all_reduces_the_workload(tmp_path):
-    import torch.multiprocessing as mp
+def test_group_all_reduces_the_workload():
+    from epkern.testing import multiproc
 
-    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
-    results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    results = multiproc.run(_all_reduce_worker, 2, "cpu")
     total = results[0]["local"] + results[1]["local"]
     single = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32)
     expected, expected_global = single.solve_probs(total, torch.zeros(1, dtype=torch.int32))
