@@ -3,8 +3,8 @@
 Layout: <EPKERN_CACHE_DIR>/kernels/<spec.symbol>/<source_key>-nvrtc<X.Y>.cubin
 
 `source_key` hashes everything that decides the generated code except the
-compiler version (schema, epkern version, rendered source, options, arch,
-codegen env vars); the NVRTC version completes the key in the file name.
+compiler version (schema, epkern version, rendered source, options with
+EPKERN_NVRTC_EXTRA_OPTIONS, arch); the NVRTC version completes the key in the file name.
 With JIT on, only an entry from the running NVRTC is used; offline
 (EPKERN_JIT=0) any NVRTC's entry for the same source key is accepted, so
 cubins built ahead on a machine with a newer NVRTC load on the GPU machine.
@@ -51,8 +51,7 @@ def source_key(source: str, options: tuple[str, ...], arch: str) -> str:
         "schema": str(SCHEMA_VERSION),
         "epkern": epkern_version(),
         "arch": arch,
-        "options": "\x1f".join(options),
-        "env": json.dumps(knobs.codegen_environment(), sort_keys=True),
+        "options": "\x1f".join(options),   # EPKERN_NVRTC_EXTRA_OPTIONS, the only codegen env var, is here
         "source": source,
     }
     for label, value in parts.items():

@@ -101,17 +101,16 @@ def target_arch(arch: str | None = None) -> str:
     return knobs.arch_override() or detected_arch() or "sm_90a"
 
 
-def compile_options(arch: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The options that decide the generated code (part of the cache key).
+def compile_options(arch: str) -> tuple[str, ...]:
+    """The options that decide the generated code (part of the cache key): the base options, the
+    architecture and EPKERN_NVRTC_EXTRA_OPTIONS.
 
     Header search paths are left out: they name this machine's site-packages
     (python3.11 here, python3.12 there), so keying on them would stop cubins
     built ahead on one machine from loading offline on another. The headers
     belong to the CUDA toolkit, identified by the NVRTC version instead.
     compile_cubin adds them."""
-    opts = list(BASE_OPTIONS) + [f"-arch={arch}"]
-    opts += list(extra) + list(knobs.extra_nvrtc_options())
-    return tuple(opts)
+    return (*BASE_OPTIONS, f"-arch={arch}", *knobs.extra_nvrtc_options())
 
 
 def include_options() -> tuple[str, ...]:

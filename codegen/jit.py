@@ -30,7 +30,7 @@ def build(spec, arch: str | None = None) -> cache.CacheEntry:
     """Return the cache entry holding spec's cubin for arch, compiling it if allowed and needed."""
     arch = compiler.target_arch(arch)
     source = spec.render()
-    options = compiler.compile_options(arch, tuple(getattr(spec, "extra_options", lambda: ())()))
+    options = compiler.compile_options(arch)
     key = cache.source_key(source, options, arch)
     if not knobs.jit_enabled():
         entry = cache.find_any_compiler(spec.symbol, key)

@@ -91,7 +91,3 @@ def peer_timeout_s() -> float:
 def check_values() -> bool:
     return env_bool("EPKERN_CHECK_VALUES", True)
 
-
-def codegen_environment() -> dict[str, str]:
-    """Environment that changes generated code; it is part of every cache key."""
-    return {"EPKERN_NVRTC_EXTRA_OPTIONS": " ".join(extra_nvrtc_options())}

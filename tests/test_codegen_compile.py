@@ -130,3 +130,12 @@ def test_compile_options_hold_no_machine_paths():
     options = compiler.compile_options(ARCH)
     assert "-arch=sm_90a" in options
     assert not [o for o in options if o.startswith("-I")]
+
+
+def test_cutlass_headers_are_on_the_include_path():
+    """nvidia-cutlass is a dependency for templates that use CUTLASS/CuTe (no template does yet)."""
+    pytest.importorskip("cutlass_library")
+    import os
+
+    found = [d for d in compiler.include_dirs() if os.path.isfile(os.path.join(d, "cutlass", "cutlass.h"))]
+    assert found and os.path.isfile(os.path.join(found[0], "cute", "tensor.hpp"))
