@@ -5,11 +5,15 @@
     python3 scripts/compare_sass.py compare BEFORE_DIR AFTER_DIR
 
 `dump` compiles (NVRTC, sm_90a, no cache) every spec the default deployment needs (EP 2, 4, 8, every
-family in epkern.deployment) and writes <symbol>.cubin plus <symbol>.sass (cuobjdump -sass, when
-cuobjdump is on PATH or installed by the nvidia-cuda-cuobjdump wheel). `compare` pairs the files by
-spec symbol and reports, per kernel: identical cubin bytes; else identical SASS text once kernel
-symbol names are replaced by a placeholder; else identical machine code (the bytes of every
-.text.<kernel> section of the ELF, which is the SASS itself); else a difference (exit status 1).
+family in epkern.deployment) and writes <symbol>.cubin, <symbol>.sass (cuobjdump -sass) and
+<symbol>.res (cuobjdump -res-usage), cuobjdump from PATH or from the nvidia-cuda-cuobjdump wheel.
+`compare` counts the byte-identical cubins, then compares every kernel function (entry point) of
+before with after: its SASS (whitespace-normalized, its own name replaced by a placeholder) and its
+resource usage (registers, stack, shared, constant bank 0). A function whose name is gone passes
+if a new function has the same SASS (a kernel renamed or moved to another cubin); anything else is
+printed with a diff and makes the exit status 1. Without cuobjdump at dump time it compares the
+.text.<kernel> sections of the ELF (the machine code) per cubin instead. `--only PREFIX` limits
+both steps to the kernels whose symbol starts with PREFIX.
 """
 from __future__ import annotations
 
