@@ -18,7 +18,10 @@ def _worker(rank, world, init_file, seed, quick):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        buffer = B.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, backend="auto")
+        # "auto" picks the NVLink kernels wherever the GPUs can reach each other (gloo or not): on a
+        # GPU machine these CPU tensors need the portable backend named
+        backend = "torch" if torch.cuda.is_available() else "auto"
+        buffer = B.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, backend=backend)
         assert buffer.backend == "torch"
         assert buffer.get_comm_stream() is None
         M.check_validation(buffer, world, "cpu")

@@ -26,6 +26,8 @@ def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Te
 
 class TorchBackend:
     name = "torch"
+    carries_any_row = True    # every row travels as bytes
+    peer = None               # no peer buffer
 
     def __init__(self, group, rank: int, num_ranks: int):
         self.group = group
@@ -147,6 +149,9 @@ class TorchBackend:
             combined_weights = torch.zeros(T, K, dtype=topk_weights.dtype, device=device)
             combined_weights.index_add_(0, token, _from_bytes(back[:, hb:], topk_weights.dtype, (len(token), K)))
         return acc.to(x.dtype), combined_weights
+
+    def raise_if_failed(self) -> None:
+        pass  # collectives raise where they fail
 
     def destroy(self) -> None:
         pass
