@@ -99,6 +99,10 @@ class NormalBackend(Protocol):
     def destroy(self) -> None: ...
 
 
+class NotInEpkern(NotImplementedError, AttributeError):
+    """A DeepEP attribute epkern does not provide (an AttributeError too, so getattr(obj, name, None) works)."""
+
+
 def _not_internode(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"Buffer.{what}: internode (RDMA) kernels are not implemented in epkern yet. For ranks on one node "
@@ -181,6 +185,13 @@ class Buffer:
     @property
     def backend(self) -> str:
         return self._backend.name
+
+    @property
+    def runtime(self):
+        """DeepEP's C++ runtime object: epkern has none (raises NotImplementedError, which is also an
+        AttributeError so `getattr(buffer, "runtime", None)` gives None)."""
+        raise NotInEpkern("Buffer.runtime: DeepEP's C++ runtime (deep_ep_cpp.Buffer) has no epkern equivalent; "
+                          "use the Buffer's own methods (get_local_buffer_tensor, get_comm_stream, ...)")
 
     # -- DeepEP static helpers -----------------------------------------------------------------------
     @staticmethod

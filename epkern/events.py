@@ -13,7 +13,7 @@ import torch
 class EventHandle:
     """A CUDA event recorded on the current stream when made (or on `stream`, an epkern extension)."""
 
-    def __init__(self, stream: torch.cuda.Stream | None = None):
+    def __init__(self, *, stream: torch.cuda.Stream | None = None) -> None:
         self.event = None
         if torch.cuda.is_available():
             self.event = torch.cuda.Event()
@@ -45,7 +45,7 @@ class EventOverlap:
     @classmethod
     def record(cls, stream: torch.cuda.Stream | None = None, extra_tensors: tuple | None = None) -> "EventOverlap":
         """An event recorded now on stream (the current stream by default)."""
-        return cls(EventHandle(stream), extra_tensors)
+        return cls(EventHandle(stream=stream), extra_tensors)
 
     def current_stream_wait(self) -> None:
         if self.event is None:
@@ -56,6 +56,6 @@ class EventOverlap:
     def __enter__(self) -> "EventOverlap":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
         if self.event is not None:
             self.event.current_stream_wait()
