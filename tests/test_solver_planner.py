@@ -18,7 +18,7 @@ LPLB_SCENARIOS = {
 
 def make_planner(name, device="cpu"):
     topo, n_log, ep, red, _, _ = LPLB_SCENARIOS[name]
-    return Planner(topo().to(device), n_log + red * ep, n_log, ep)
+    return Planner(topo().to(device), n_log + red * ep, n_log, ep, device=device)
 
 
 def lplb_workloads(n_log, seed, reorder):
@@ -205,7 +205,7 @@ def _all_reduce_worker(rank, world, init_file, result_file):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, group=dist.group.WORLD)
+        planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, group=dist.group.WORLD, device="cpu")
         _, local = lplb_workloads(256, 100 + rank, False)
         counter = torch.zeros(1, dtype=torch.int32)
         probs, global_workload = planner.solve_probs(local, counter)
@@ -220,7 +220,7 @@ def test_group_all_reduces_the_workload(tmp_path):
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
     total = results[0]["local"] + results[1]["local"]
-    single = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32)
+    single = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, device="cpu")
     expected, expected_global = single.solve_probs(total, torch.zeros(1, dtype=torch.int32))
     for r in results:  # both ranks solve the summed workload, so they agree with each other
         assert torch.equal(r["probs"], expected) and torch.allclose(r["global_workload"], expected_global)
