@@ -60,6 +60,13 @@ def _check_row_bytes(name: str, x: torch.Tensor) -> None:
                          "positive multiple of 16 bytes (pad the hidden size)")
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[T, S] -> contiguous [T, S * element size] uint8. Through 1-D: a [T, 1] column-major view
+    (SGLang's UE8M0 scales for H <= 512) counts as contiguous yet keeps a last stride != 1, which
+    a dtype view refuses."""
+    return t.contiguous().reshape(-1).view(torch.uint8).view(t.shape[0], t.shape[1] * t.element_size())
+
+
 @dataclasses.dataclass(frozen=True)
 class Payload:
     """What the NVLink kernels send, and how to turn what they received back into DeepEP's outputs."""
@@ -87,7 +94,7 @@ def for_nvlink(x: torch.Tensor, scales: torch.Tensor | None) -> Payload:
         # the fp8 kernel's format; the kernel reads scales row by row, so a column-major (or any
         # strided) scales view is copied to a contiguous [T, H/128] first (H/128 floats a token)
         fp8 = x if dtype == torch.float8_e4m3fn else x.view(torch.float8_e4m3fn)
-        fp32 = scales.contiguous().view(torch.float32)
+        fp32 = as_bytes(scales).view(torch.float32)
 
         def restore(rx, rs):
             return (rx if dtype == torch.float8_e4m3fn else rx.view(dtype)), rs.view(sdtype)
@@ -101,7 +108,7 @@ def for_nvlink(x: torch.Tensor, scales: torch.Tensor | None) -> Payload:
     width = -(-(row_bytes + scale_bytes) // 16) * 16
     packed = torch.zeros(T, width, dtype=torch.uint8, device=x.device)
     packed[:, :row_bytes] = x.view(torch.uint8)
-    packed[:, row_bytes:row_bytes + scale_bytes] = scales.contiguous().view(torch.uint8).view(T, scale_bytes)
+    packed[:, row_bytes:row_bytes + scale_bytes] = as_bytes(scales)
 
     def unpack(rx, rs):
         raw = rx.view(torch.uint8)
