@@ -44,6 +44,40 @@ def test_runner_script_sees_epkern_and_passes_argv_and_exit_code():
         assert _run(script, "0").returncode == 0
 
 
+SPAWN_PROBE = textwrap.dedent("""
+    import multiprocessing as mp, subprocess, sys
+
+    def child(q):
+        import deep_ep, epkern
+        q.put(deep_ep.Buffer is epkern.Buffer)
+
+    if __name__ == "__main__":
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        spawned = q.get(timeout=100)
+        p.join()
+        sub = subprocess.run([sys.executable, "-c", "import deep_ep, deep_ep.utils, epkern; "
+                              "print(deep_ep.Buffer is epkern.Buffer and deep_ep.utils.EventHandle is epkern.EventHandle)"],
+                             capture_output=True, text=True)
+        print("spawned", spawned, "subprocess", sub.stdout.strip(), sub.stderr[-500:])
+        sys.exit(0 if spawned and sub.stdout.strip() == "True" else 5)
+""")
+
+
+def test_runner_reaches_the_processes_the_program_starts():
+    """vLLM's workers and torchrun's ranks are new processes: they import epkern as deep_ep too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "spawner.py")
+        with open(script, "w") as f:
+            f.write(SPAWN_PROBE)
+        done = _run(script)
+        assert done.returncode == 0, done.stdout + done.stderr
+    path = _run("--path").stdout.strip()
+    assert os.path.isfile(os.path.join(path, "deep_ep", "__init__.py"))
+
+
 def test_runner_module_mode():
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "pkg"))

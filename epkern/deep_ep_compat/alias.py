@@ -1,8 +1,12 @@
 """Register epkern under DeepEP's module names, so `import deep_ep` finds epkern."""
 from __future__ import annotations
 
+import os
 import sys
 import types
+
+
+SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")  # holds a stand-in deep_ep package
 
 
 def _aliases() -> dict[str, types.ModuleType]:
@@ -20,7 +24,7 @@ def install_as_deep_ep() -> types.ModuleType:
     aliases = _aliases()
     for name, module in aliases.items():
         present = sys.modules.get(name)
-        if present is not None and present is not module:
+        if present is not None and present is not module and not getattr(present, "__epkern_shim__", False):
             where = getattr(present, "__file__", None) or repr(present)
             raise RuntimeError(f"install_as_deep_ep: a different module {name!r} is already imported (from {where}); "
                                "install the alias before anything imports deep_ep, or run the program through "
