@@ -467,11 +467,12 @@ class Buffer:
                              num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
                              dispatch_wait_recv_cost_stats: torch.Tensor | None = None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False, *, topk_weights: torch.Tensor | None = None):
+                             return_recv_hook: bool = False, topk_weights: torch.Tensor | None = None):
         """DeepEP's low-latency dispatch -> (recv_x, recv_count, handle, event, hook); see LowLatencyBuffer.
 
-        topk_weights (an epkern extension): the tokens' [T, K] fp32 weights travel with them, so the
-        combine that uses this handle needs no exchange of weights first."""
+        topk_weights (an epkern extension, after DeepEP's parameters): the tokens' [T, K] fp32 weights
+        travel with them, so the combine that uses this handle needs no exchange of weights first
+        (and may take topk_weights=None). Passed on only when given."""
         extra = {} if topk_weights is None else {"topk_weights": topk_weights}
         return self._ll("low_latency_dispatch").low_latency_dispatch(
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
@@ -479,11 +480,13 @@ class Buffer:
             dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats, use_fp8=use_fp8, round_scale=round_scale,
             use_ue8m0=use_ue8m0, async_finish=async_finish, return_recv_hook=return_recv_hook, **extra)
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                            handle: tuple,
                             use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out: torch.Tensor | None = None,
                             combine_wait_recv_cost_stats: torch.Tensor | None = None):
-        """DeepEP's low-latency combine -> (combined_x [T, H], event, hook); see LowLatencyBuffer."""
+        """DeepEP's low-latency combine -> (combined_x [T, H], event, hook); see LowLatencyBuffer.
+        use_logfmt=True sends the partial rows as DeepEP's 10-bit LogFMT."""
         return self._ll("low_latency_combine").low_latency_combine(
             x, topk_idx, topk_weights, handle, use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish,
             return_recv_hook=return_recv_hook, out=out, combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
