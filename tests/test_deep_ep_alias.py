@@ -200,3 +200,21 @@ def test_events_on_cpu(buffer):
         pass
     with pytest.raises(RuntimeError, match="no event"):
         buffer.get_dispatch_layout(topk, 2)[4].current_stream_wait()
+
+
+def test_return_shapes_match_deep_ep(buffer):
+    """The tuple lengths of DeepEP's normal-mode calls (the table's "returns")."""
+    import json
+
+    returns = json.load(open(os.path.join(REPO, "tests", "data", "deep_ep_v1_2_1_signatures.json")))["returns"]
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    topk = torch.tensor([[0], [1], [-1], [0]], dtype=torch.int64)
+    layout = buffer.get_dispatch_layout(topk, 2)
+    assert len(layout) == returns["Buffer.get_dispatch_layout"] and layout[1] is None
+    per_rank, _, per_expert, in_rank, _ = layout
+    out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                          topk_idx=topk, topk_weights=torch.ones(4, 1))
+    assert len(out) == returns["Buffer.dispatch"] and len(out[4]) == 6 and out[3] == [2, 1]
+    assert len(buffer.combine(out[0], out[4])) == returns["Buffer.combine"]
+    cached = buffer.dispatch(x, handle=out[4])
+    assert len(cached) == returns["Buffer.dispatch"] and cached[1:5] == (None, None, None, None)
