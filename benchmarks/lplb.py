@@ -28,7 +28,7 @@ SOLVE_CASES = [  # (name, topology, EP, redundant experts per rank)
 
 
 def make_planner(topology, ep: int, red: int, device: str, seed: int = 0) -> Planner:
-    planner = Planner(topology().to(device), N_LOGICAL + red * ep, N_LOGICAL, ep)
+    planner = Planner(topology().to(device), N_LOGICAL + red * ep, N_LOGICAL, ep, device=device)
     gen = torch.Generator().manual_seed(seed)
     history = ((torch.randn(N_LOGICAL, generator=gen) * 0.15 + 1).clamp_min(0) * 2**20).long()
     planner.update_redundancy_mapping(history.to(device), gpus_per_node=8)

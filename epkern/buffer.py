@@ -7,31 +7,38 @@
         topk_idx=topk_idx, topk_weights=topk_weights)
     combined_x, combined_topk_weights, event = buffer.combine(expert_out, handle, topk_weights=recv_topk_weights)
 
-Semantics follow DeepEP's V1 Buffer: received rows are ordered by source rank, then token index;
-recv_topk_idx holds local expert ids and -1 for experts elsewhere; counts are rounded up to
-expert_alignment; passing `handle` back repeats a layout; num_worst_tokens pads outputs and skips
-the host sync. Work runs on a dedicated communication stream: it waits for `previous_event` (or
-the current stream); with async_finish the returned EventOverlap tracks it, otherwise the current
-stream waits for it before the call returns.
+Semantics follow DeepEP's V1 Buffer (v1.2.1; tests/data/deep_ep_v1_2_1_signatures.json holds its
+public signatures and tests/test_deep_ep_signatures.py checks ours against them): received rows are
+ordered by source rank, then token index; recv_topk_idx holds local expert ids and -1 for experts
+elsewhere; counts are rounded up to expert_alignment; passing `handle` back repeats a layout;
+num_worst_tokens pads outputs and skips the host sync. x is any dtype whose row is a multiple of 16
+bytes, or (1-byte rows, fp32 or int32 scales of any strides) (see epkern.normal.payload). Work runs
+on a dedicated communication stream: it waits for `previous_event` (or the current stream); with
+async_finish the returned EventOverlap tracks it, otherwise the current stream waits for it before
+the call returns.
 
-Backends: "nvlink" (CUDA-IPC peer buffers, JIT kernels; all ranks on one node), "torch"
-(all_to_all_single; any process group, CPU/gloo included), "auto" (NVLink when every rank shares a
-node with peer access and num_nvl_bytes > 0, else torch).
+Backends (the NormalBackend protocol below): "nvlink" (CUDA-IPC peer buffers, JIT kernels; all
+ranks on one node), "torch" (all_to_all_single; any process group, CPU/gloo included), "auto":
+NVLink when CUDA is present, num_nvl_bytes > 0 and every rank's GPU can map every other's
+(whatever the group's backend: vLLM builds its Buffer over a gloo CPU group; the group only sets
+the peer buffers up), else torch.
 """
 from __future__ import annotations
 
-import socket
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-from .normal import kernels as ik
-from .normal.torch_backend import TorchBackend
-from .normal.handle import check_handle
-from .events import EventOverlap
+from .events import EventHandle, EventOverlap, cuda_event
 from .layout import get_dispatch_layout as _layout
+from .normal import kernels as ik
+from .normal import payload
+from .normal.handle import check_handle
+from .normal.torch_backend import TorchBackend
 from .validate import check_positive_int, check_range, check_tensor
 
+topk_idx_t = torch.int64  # DeepEP's dtype of topk_idx (deep_ep.topk_idx_t)
 
 class Config:
     """DeepEP's performance config. num_sms is the SM count the kernels use; the chunk sizes are
@@ -66,38 +73,67 @@ class Config:
                 f"nvl_recv={self.num_max_nvl_chunked_recv_tokens})")
 
 
-class _DoneEvent(EventOverlap):
-    """What async calls return where there is no stream (CPU): the work is already complete."""
+@runtime_checkable
+class NormalBackend(Protocol):
+    """What Buffer needs from a normal-mode backend (epkern.normal.nvlink.NvlinkBackend and
+    epkern.normal.torch_backend.TorchBackend implement it).
 
-    def current_stream_wait(self) -> None:
-        pass
+    dispatch returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle);
+    combine returns (combined_x, combined_topk_weights). Both run on the current stream. Payloads:
+    with carries_any_row the backend takes every input check_x accepts as it is; otherwise it takes
+    bf16 rows, or fp8 rows with fp32 [T, H/128] contiguous scales, and Buffer fits the input to
+    those (epkern.normal.payload). `peer` is the backend's peer buffer, or None if it has none.
+    """
+
+    name: str
+    carries_any_row: bool
+    peer: object
+
+    def dispatch(self, *, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                 num_tokens_per_expert, expert_alignment: int, num_worst_tokens: int, handle, config) -> tuple: ...
+
+    def combine(self, *, x, handle, topk_weights, bias, config) -> tuple: ...
+
+    def raise_if_failed(self) -> None: ...
+
+    def destroy(self) -> None: ...
 
 
-def _peer_access_everywhere(group, device: int) -> bool:
-    """True on every rank iff all ranks share one host and each GPU can reach every other one."""
-    me = (socket.gethostname(), device)
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, me, group=group)
-    ok = len({h for h, _ in everyone}) == 1 and all(
-        d == device or torch.cuda.can_device_access_peer(device, d) for _, d in everyone)
-    verdicts: list = [None] * len(everyone)
-    dist.all_gather_object(verdicts, ok, group=group)
-    return all(verdicts)
+class NotInEpkern(NotImplementedError, AttributeError):
+    """A DeepEP attribute epkern does not provide (an AttributeError too, so getattr(obj, name, None) works)."""
+
+
+def _not_internode(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"Buffer.{what}: internode (RDMA) kernels are not implemented in epkern yet. For ranks on one node "
+        f"call Buffer.{what.replace('internode_', '')} (the NVLink kernels); across nodes build the Buffer with "
+        "backend='torch', whose dispatch/combine run over any process group")
 
 
 class Buffer:
-    """DeepEP's Buffer API for intranode expert parallelism (see the module docstring)."""
+    """DeepEP's Buffer API for intranode expert parallelism (see the module docstring).
+
+    Arguments after DeepEP's (keyword only): backend ("auto" | "nvlink" | "torch"), timeout_s (how
+    long a kernel waits for a peer before it reports the rank), low_latency_num_sms (SMs of the
+    low-latency kernels; default: all of the GPU's), use_fabric and enable_shrink (DeepEP main's
+    arguments; accepted, nothing to switch here)."""
 
     num_sms: int = 20
 
     def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                  num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
-                 allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
-                 enable_shrink: bool = False, comm=None, *, backend: str = "auto", timeout_s: float | None = None):
+                 allow_mnnvl: bool = False, explicitly_destroy: bool = False, comm=None, *,
+                 use_fabric: bool = False, enable_shrink: bool = False, backend: str = "auto",
+                 timeout_s: float | None = None, low_latency_num_sms: int | None = None) -> None:
         from epkern.codegen import knobs
 
         if backend not in ("auto", "nvlink", "torch"):
             raise ValueError(f"backend={backend!r}: allowed values are ['auto', 'nvlink', 'torch']")
+        if group is None:
+            if comm is not None:
+                raise NotImplementedError("Buffer(group=None, comm=...): an mpi4py communicator is not supported; "
+                                          "pass a torch.distributed process group")
+            raise ValueError("Buffer: either 'group' or 'comm' must be provided")
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
@@ -106,42 +142,56 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else float(timeout_s)
+        self._local_bytes: torch.Tensor | None = None
         self._low_latency = None
         if low_latency_mode:
             from .low_latency import LowLatencyBuffer
 
+            kwargs = {} if low_latency_num_sms is None else {"num_sms": low_latency_num_sms}
             self._low_latency = LowLatencyBuffer(group, num_bytes=self.num_rdma_bytes or self.num_nvl_bytes,
-                                                 timeout_s=self.timeout_s)
+                                                 timeout_s=self.timeout_s, **kwargs)
             if not self.num_rdma_bytes:
                 self.num_nvl_bytes = 0  # the low-latency buffer took these bytes
-        # the NVLink backend only sets up over the group (any backend); the portable one runs its
-        # collectives on the comm stream, so it needs a group that runs on CUDA (NCCL)
-        on_cuda = torch.cuda.is_available() and (self._group_on_cuda() or backend == "nvlink")
-        self._comm_stream = torch.cuda.Stream() if on_cuda else None
-        self._backend = self._make_backend(backend)
+        elif low_latency_num_sms is not None:
+            raise ValueError("low_latency_num_sms: needs low_latency_mode=True")
+        self._backend: NormalBackend | None = self._make_backend(backend)
+        # the NVLink kernels and NCCL collectives run on a stream of their own; gloo runs on the host
+        on_stream = torch.cuda.is_available() and (self._backend.name == "nvlink" or self._group_on_cuda())
+        self._comm_stream = torch.cuda.Stream() if on_stream else None
 
     def _group_on_cuda(self) -> bool:
         try:
-            return dist.get_backend(self.group) in ("nccl", "cuda:nccl") or "nccl" in str(dist.get_backend(self.group))
+            return "nccl" in str(dist.get_backend(self.group))
         except Exception:
             return False
 
-    def _make_backend(self, backend: str):
+    def _make_backend(self, backend: str) -> NormalBackend:
         use_nvlink = backend == "nvlink"
         if backend == "auto":
-            use_nvlink = (self._comm_stream is not None and self.num_nvl_bytes > 0 and self.group_size <= ik.MAX_RANKS
+            use_nvlink = (torch.cuda.is_available() and self.num_nvl_bytes > 0 and self.group_size <= ik.MAX_RANKS
                           and _peer_access_everywhere(self.group, torch.cuda.current_device()))
         if use_nvlink:
-            if self._comm_stream is None:
+            if not torch.cuda.is_available():
                 raise ValueError("backend='nvlink' needs CUDA")
             from .normal.nvlink import NvlinkBackend
 
-            return NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
-        return TorchBackend(self.group, self.rank, self.group_size)
+            made = NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
+        else:
+            made = TorchBackend(self.group, self.rank, self.group_size)
+        if not isinstance(made, NormalBackend):
+            raise TypeError(f"{type(made).__name__} does not implement the NormalBackend protocol")
+        return made
 
     @property
     def backend(self) -> str:
         return self._backend.name
+
+    @property
+    def runtime(self):
+        """DeepEP's C++ runtime object: epkern has none (raises NotImplementedError, which is also an
+        AttributeError so `getattr(buffer, "runtime", None)` gives None)."""
+        raise NotInEpkern("Buffer.runtime: DeepEP's C++ runtime (deep_ep_cpp.Buffer) has no epkern equivalent; "
+                          "use the Buffer's own methods (get_local_buffer_tensor, get_comm_stream, ...)")
 
     # -- DeepEP static helpers -----------------------------------------------------------------------
     @staticmethod
@@ -150,15 +200,26 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
+        """SMs of the normal-mode kernels (every Buffer; DeepEP's: an even number)."""
         check_positive_int("new_num_sms", new_num_sms)
+        if new_num_sms % 2:
+            raise ValueError(f"new_num_sms={new_num_sms}: the SM count must be even (as in DeepEP)")
         Buffer.num_sms = new_num_sms
+
+    def set_low_latency_num_sms(self, num_sms: int) -> None:
+        """SMs of this buffer's low-latency kernels (clamped to the GPU's SM count; an epkern extension)."""
+        check_positive_int("num_sms", num_sms)
+        ll = self._ll("set_low_latency_num_sms")
+        ll.num_sms = min(num_sms, torch.cuda.get_device_properties(ll.device).multi_processor_count)
+
+    @property
+    def low_latency_num_sms(self) -> int:
+        return self._ll("low_latency_num_sms").num_sms
 
     @staticmethod
     def capture() -> EventOverlap:
         """An event on the current stream, to pass as previous_event."""
-        if not torch.cuda.is_available():
-            return _DoneEvent()
-        return EventOverlap.record()
+        return EventOverlap(EventHandle())
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
@@ -171,43 +232,86 @@ class Buffer:
         return Config(Buffer.num_sms, *chunks, 6, 128)
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(*args, **kwargs) -> int:
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
         from .low_latency import get_low_latency_rdma_size_hint
 
-        return get_low_latency_rdma_size_hint(*args, **kwargs)
+        return get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
-    def get_comm_stream(self):
+    def get_comm_stream(self) -> torch.cuda.Stream | None:
+        """The communication stream (None when the calls run on the host: the torch backend over gloo)."""
         return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: torch.Size | None = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """This rank's communication buffer as a 1-D tensor of dtype from byte `offset` on (as DeepEP's),
+        or its first size.numel() elements viewed as `size`. use_rdma_buffer=True: the low-latency
+        buffer (epkern's takes the place of DeepEP's RDMA buffer); False: the normal-mode buffer (the
+        NVLink peer buffer; the torch backend, which needs none, keeps a private one of num_nvl_bytes)."""
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+        check_positive_int("offset", offset, lo=0)
+        raw = self._local_bytes_view(use_rdma_buffer)
+        if offset > raw.numel():
+            raise ValueError(f"offset={offset}: beyond the {raw.numel()}-byte buffer")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (raw.numel() - offset) // itemsize
+        tensor = raw[offset:offset + count * itemsize].view(dtype)
+        if size is None:
+            return tensor
+        size = torch.Size(size)
+        if size.numel() > tensor.numel():
+            raise ValueError(f"size={tuple(size)}: {size.numel()} elements, the buffer holds {tensor.numel()} "
+                             f"of {dtype} from offset {offset}")
+        return tensor[:size.numel()].view(size)
+
+    def _local_bytes_view(self, use_rdma_buffer: bool) -> torch.Tensor:
+        self._check_usable()
+        if use_rdma_buffer:
+            if self._low_latency is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+                return torch.empty(0, dtype=torch.uint8, device=device)  # DeepEP: no RDMA buffer, 0 elements
+            peer = self._low_latency.peer
+            return peer.view(peer.rank, 0, (peer.nbytes,), torch.uint8)
+        peer = self._backend.peer
+        if peer is not None:
+            return peer.view(peer.rank, 0, (peer.nbytes,), torch.uint8)
+        if self._local_bytes is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            self._local_bytes = torch.zeros(self.num_nvl_bytes, dtype=torch.uint8, device=device)
+        return self._local_bytes
 
     # -- stream and event plumbing (DeepEP's) --------------------------------------------------------
     def _run(self, fn, inputs: tuple, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
         """Run fn on the communication stream with DeepEP's ordering; returns (fn's result, event)."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as in DeepEP)")
-        if self._comm_stream is None:
+        if self._comm_stream is None:   # host-side collectives: done when fn returns
             result = fn()
-            return result, (_DoneEvent() if async_finish else EventOverlap(None))
+            return result, (EventOverlap(EventHandle()) if async_finish else EventOverlap(None))
         compute = torch.cuda.current_stream()
         comm = self._comm_stream
-        if previous_event is not None:
-            comm.wait_event(previous_event.event)
+        waited = cuda_event(previous_event.event) if previous_event is not None else None
+        if waited is not None:
+            comm.wait_event(waited)
         else:
             comm.wait_stream(compute)
         with torch.cuda.stream(comm):
             result = fn()
-        outputs = tuple(t for t in _tensors(result))
+        outputs = tuple(t for t in _tensors(result) if t.is_cuda)
         # tensors made on the comm stream are used on the compute stream, and the reverse
         for t in outputs:
             t.record_stream(compute)
         if async_finish:
-            for t in _tensors(inputs):
+            cuda_inputs = tuple(t for t in _tensors(inputs) if t.is_cuda)
+            for t in cuda_inputs:
                 t.record_stream(comm)
-            return result, EventOverlap.record(comm, extra_tensors=tuple(_tensors(inputs)) + outputs)
+            return result, EventOverlap.record(comm, extra_tensors=cuda_inputs + outputs)
         compute.wait_stream(comm)
         return result, EventOverlap(None)
 
     # -- layout ---------------------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """(num_tokens_per_rank [R], None, num_tokens_per_expert [E], is_token_in_rank [T, R], event)."""
         self._check_usable()
@@ -217,47 +321,41 @@ class Buffer:
         return per_rank, None, per_expert, in_rank, event
 
     # -- dispatch -------------------------------------------------------------------------------------
-    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
-                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
-                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Config | None = None,
-                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    def dispatch(self, x, handle: tuple | None = None, num_tokens_per_rank: torch.Tensor | None = None,
+                 num_tokens_per_rdma_rank: torch.Tensor | None = None, is_token_in_rank: torch.Tensor | None = None,
+                 num_tokens_per_expert: torch.Tensor | None = None, topk_idx: torch.Tensor | None = None,
+                 topk_weights: torch.Tensor | None = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Config | None = None, previous_event: EventOverlap | None = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
         """Send each token to every rank holding one of its experts.
 
-        Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
-        recv_x is (fp8, scales) for FP8 input. Cached mode (handle given) returns (recv_x, None, None, None,
-        None, event)."""
+        x: [T, H] of any dtype whose row is a multiple of 16 bytes, or (x [T, H] of a 1-byte dtype,
+        scales [T, S] fp32 or int32, any strides). Returns (recv_x, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle, event); recv_x has x's form (a tuple with contiguous
+        scales for a tuple). Cached mode (handle given) returns (recv_x, None, None, None, None, event)."""
         self._check_usable()
         config = config or self.get_dispatch_config(self.group_size)
-        x_data, x_scales = self._check_x(x)
-        args = self._check_dispatch(x_data, x_scales, handle, num_tokens_per_rank, is_token_in_rank,
-                                    num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens)
+        x_data, x_scales = payload.check_x(x)
+        args = self._check_dispatch(x_data, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                                    topk_idx, topk_weights, expert_alignment, num_worst_tokens)
         inputs = tuple(t for t in (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                                    num_tokens_per_expert) if t is not None)
-        result, event = self._run(lambda: self._backend.dispatch(config=config, **args), inputs, previous_event,
-                                  async_finish, allocate_on_comm_stream)
+
+        def launch():
+            if self._backend.carries_any_row:
+                return self._backend.dispatch(x=x_data, x_scales=x_scales, config=config, **args)
+            sent = payload.for_nvlink(x_data, x_scales)
+            out = self._backend.dispatch(x=sent.x, x_scales=sent.scales, config=config, **args)
+            return sent.restore(out[0], out[1]) + tuple(out[2:])
+
+        result, event = self._run(launch, inputs, previous_event, async_finish, allocate_on_comm_stream)
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, new_handle = result
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
         if handle is not None:
             return recv, None, None, None, None, event
         return recv, recv_topk_idx, recv_topk_weights, per_expert_list, new_handle, event
 
-    def _check_x(self, x):
-        if isinstance(x, tuple):
-            if len(x) != 2:
-                raise ValueError("x: an FP8 input is the tuple (fp8 [T, H], scales [T, H / 128])")
-            data, scales = x
-            check_tensor("x[0]", data, dtype=torch.float8_e4m3fn, ndim=2)
-            if data.shape[1] % 128:
-                raise ValueError(f"x[0]: FP8 hidden size {data.shape[1]} must be a multiple of 128")
-            check_tensor("x[1]", scales, dtype=torch.float32, ndim=2, shape=(data.shape[0], data.shape[1] // 128),
-                         device=data.device)
-            return data, scales
-        check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
-        if x.shape[1] % 8:
-            raise ValueError(f"x: hidden size {x.shape[1]} must be a multiple of 8")
-        return x, None
-
-    def _check_dispatch(self, x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+    def _check_dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                         topk_idx, topk_weights, expert_alignment, num_worst_tokens) -> dict:
         R, T, device = self.group_size, x.shape[0], x.device
         check_positive_int("expert_alignment", expert_alignment)
@@ -288,14 +386,15 @@ class Buffer:
                 check_tensor("topk_weights", topk_weights, dtype=torch.float32, ndim=2, shape=tuple(topk_idx.shape),
                              device=device)
                 check_range("topk_idx", topk_idx, -1, num_experts)
-        return dict(x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights,
-                    num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
-                    num_tokens_per_expert=num_tokens_per_expert, expert_alignment=expert_alignment,
-                    num_worst_tokens=num_worst_tokens, handle=handle)
+        return dict(topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+                    is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                    expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, handle=handle)
 
     # -- combine --------------------------------------------------------------------------------------
-    def combine(self, x: torch.Tensor, handle, topk_weights=None, bias=None, config: Config | None = None,
-                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: torch.Tensor | None = None,
+                bias: torch.Tensor | tuple | None = None, config: Config | None = None,
+                previous_event: EventOverlap | None = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
         """Sum, for every original token, the rows returned by each rank it was sent to.
 
         Returns (combined_x [T, H], combined_topk_weights [T, K] or None, event)."""
@@ -322,13 +421,27 @@ class Buffer:
             inputs, previous_event, async_finish, allocate_on_comm_stream)
         return combined_x, combined_weights, event
 
+    # -- internode: DeepEP's names, not implemented yet -------------------------------------------------
+    def internode_dispatch(self, x, handle: tuple | None = None, num_tokens_per_rank: torch.Tensor | None = None,
+                           num_tokens_per_rdma_rank: torch.Tensor | None = None,
+                           is_token_in_rank: torch.Tensor | None = None,
+                           num_tokens_per_expert: torch.Tensor | None = None, topk_idx: torch.Tensor | None = None,
+                           topk_weights: torch.Tensor | None = None, expert_alignment: int = 1,
+                           config: Config | None = None, previous_event: EventOverlap | None = None,
+                           async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        raise _not_internode("internode_dispatch")
+
+    def internode_combine(self, x: torch.Tensor, handle: tuple, topk_weights: torch.Tensor | None = None,
+                          bias: torch.Tensor | tuple | None = None, config: Config | None = None,
+                          previous_event: EventOverlap | None = None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False):
+        raise _not_internode("internode_combine")
+
     # -- lifetime -------------------------------------------------------------------------------------
     def _check_usable(self) -> None:
         if self._backend is None:
             raise RuntimeError("this Buffer was destroyed")
-        check = getattr(self._backend, "raise_if_failed", None)
-        if check is not None:
-            check()
+        self._backend.raise_if_failed()
 
     def destroy(self) -> None:
         """Free the peer buffers (every rank must call it; also done at exit)."""
@@ -336,37 +449,65 @@ class Buffer:
             self._backend.destroy()
             self._backend = None
         if self._low_latency is not None:
-            destroy = getattr(self._low_latency, "destroy", None)
-            if destroy is not None:
-                destroy()
+            self._low_latency.destroy()
             self._low_latency = None
+        self._local_bytes = None
 
-    # -- low-latency mode: delegated to epkern.low_latency ---------------------------------------------
+    # -- low-latency mode: delegated to epkern.low_latency.LowLatencyBuffer ----------------------------
     def _ll(self, name: str):
         if self._low_latency is None:
             raise RuntimeError(f"Buffer.{name}: construct the buffer with low_latency_mode=True")
-        return getattr(self._low_latency, name)
+        return self._low_latency
 
-    def low_latency_dispatch(self, *args, **kwargs):
-        return self._ll("low_latency_dispatch")(*args, **kwargs)
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        self._ll("clean_low_latency_buffer").clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden,
+                                                                       num_experts)
 
-    def low_latency_combine(self, *args, **kwargs):
-        return self._ll("low_latency_combine")(*args, **kwargs)
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                             dispatch_wait_recv_cost_stats: torch.Tensor | None = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False, topk_weights: torch.Tensor | None = None):
+        """DeepEP's low-latency dispatch -> (recv_x, recv_count, handle, event, hook); see LowLatencyBuffer.
 
-    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
-        return self._ll("get_next_low_latency_combine_buffer")(*args, **kwargs)
+        topk_weights (an epkern extension, after DeepEP's parameters): the tokens' [T, K] fp32 weights
+        travel with them, so the combine that uses this handle needs no exchange of weights first
+        (and may take topk_weights=None). Passed on only when given."""
+        extra = {} if topk_weights is None else {"topk_weights": topk_weights}
+        return self._ll("low_latency_dispatch").low_latency_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats, use_fp8=use_fp8, round_scale=round_scale,
+            use_ue8m0=use_ue8m0, async_finish=async_finish, return_recv_hook=return_recv_hook, **extra)
 
-    def clean_low_latency_buffer(self, *args, **kwargs):
-        return self._ll("clean_low_latency_buffer")(*args, **kwargs)
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                            handle: tuple,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: torch.Tensor | None = None,
+                            combine_wait_recv_cost_stats: torch.Tensor | None = None):
+        """DeepEP's low-latency combine -> (combined_x [T, H], event, hook); see LowLatencyBuffer.
+        use_logfmt=True sends the partial rows as DeepEP's 10-bit LogFMT."""
+        return self._ll("low_latency_combine").low_latency_combine(
+            x, topk_idx, topk_weights, handle, use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish,
+            return_recv_hook=return_recv_hook, out=out, combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
 
-    def low_latency_update_mask_buffer(self, *args, **kwargs):
-        return self._ll("low_latency_update_mask_buffer")(*args, **kwargs)
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        return self._ll("get_next_low_latency_combine_buffer").get_next_low_latency_combine_buffer(handle)
 
-    def low_latency_query_mask_buffer(self, *args, **kwargs):
-        return self._ll("low_latency_query_mask_buffer")(*args, **kwargs)
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        self._ll("low_latency_update_mask_buffer").low_latency_update_mask_buffer(rank_to_mask, mask)
 
-    def low_latency_clean_mask_buffer(self, *args, **kwargs):
-        return self._ll("low_latency_clean_mask_buffer")(*args, **kwargs)
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        self._ll("low_latency_query_mask_buffer").low_latency_query_mask_buffer(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        self._ll("low_latency_clean_mask_buffer").low_latency_clean_mask_buffer()
+
+
+def _peer_access_everywhere(group, device: int) -> bool:
+    from .peer_memory import peer_access_everywhere
+
+    return peer_access_everywhere(group, device)
 
 
 def _tensors(obj):

@@ -70,6 +70,33 @@ def wrap_pointer(ptr: int, shape: tuple, dtype: torch.dtype, device: torch.devic
     return raw.view(dtype).view(shape)
 
 
+def _gather_devices(group, device_index: int) -> list:
+    """Every rank's (host name, GPU index), gathered over group."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (socket.gethostname(), device_index), group=group)
+    return everyone
+
+
+def _peer_problem(everyone: list, rank: int, device_index: int) -> str | None:
+    """Why this rank cannot map every other rank's peer memory (None: it can)."""
+    hosts = {h for h, _ in everyone}
+    if len(hosts) != 1:
+        return f"NVLink peer memory needs all ranks on one node; ranks are on {sorted(hosts)}"
+    for r, (_, dev) in enumerate(everyone):
+        if r != rank and dev != device_index and not torch.cuda.can_device_access_peer(device_index, dev):
+            return f"GPU {device_index} (rank {rank}) cannot access GPU {dev} (rank {r}) as a peer"
+    return None
+
+
+def peer_access_everywhere(group, device_index: int) -> bool:
+    """Collective over group: True on every rank iff every rank can map every other rank's memory
+    (the check PeerBuffer makes before it maps anything), whatever backend the group runs on."""
+    problem = _peer_problem(_gather_devices(group, device_index), dist.get_rank(group), device_index)
+    verdicts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(verdicts, problem, group=group)
+    return all(v is None for v in verdicts)
+
+
 class PeerBuffer:
     """`nbytes` of device memory on every rank of `group`, each mapped into every rank."""
 
@@ -112,16 +139,9 @@ class PeerBuffer:
         _live.add(self)
 
     def _check_same_node(self) -> None:
-        props = torch.cuda.get_device_properties(self.device)
-        me = (socket.gethostname(), str(props.uuid) if hasattr(props, "uuid") else None, self.device.index)  # _CUuuid does not pickle
-        everyone: list = [None] * self.num_ranks
-        dist.all_gather_object(everyone, me, group=self.group)
-        hosts = {h for h, _, _ in everyone}
-        if len(hosts) != 1:
-            raise PeerAccessError(f"NVLink peer memory needs all ranks on one node; ranks are on {sorted(hosts)}")
-        for r, (_, _, dev) in enumerate(everyone):
-            if r != self.rank and dev != self.device.index and not torch.cuda.can_device_access_peer(self.device.index, dev):
-                raise PeerAccessError(f"GPU {self.device.index} (rank {self.rank}) cannot access GPU {dev} (rank {r}) as a peer")
+        problem = _peer_problem(_gather_devices(self.group, self.device.index), self.rank, self.device.index)
+        if problem is not None:
+            raise PeerAccessError(problem)
 
     def view(self, rank: int, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A tensor over [offset, offset + size) of rank's copy (rank == self.rank: our own)."""

@@ -31,7 +31,8 @@ class Planner:
             n_logical_routed_experts: logical routed experts.
             ep_size: EP ranks; defaults to the size of `group` (one of the two is required).
             group: torch.distributed process group over which workloads are all-reduced; None: no reduction.
-            device: where the planner's tables live and its kernels run; defaults to the topology's device.
+            device: where the planner's tables live and its kernels run; defaults, as in LPLB, to the
+                current CUDA device when there is one (a topology on any device is moved there), else the CPU.
         """
         r2o = validate_r2o(redundant_to_original)
         if ep_size is None:
@@ -57,7 +58,10 @@ class Planner:
         if extra > n_local_logical:
             raise ValueError(f"{extra} redundant slots per rank exceed the {n_local_logical} logical experts per rank")
 
-        self.device = torch.device(device) if device is not None else redundant_to_original.device
+        if device is None:  # LPLB moves the topology to the GPU; a CPU planner is asked for by device="cpu"
+            device = redundant_to_original.device if redundant_to_original.is_cuda else \
+                ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.r2o = r2o.to(self.device)
@@ -71,10 +75,27 @@ class Planner:
         self.n_local_logical_routed_experts = n_local_logical
         self.combined_redundant_experts = extra // dups
         self.ep_group = group
+        self.deep_ep_initialized = False
         self._prev_probs = torch.full((self.n_group, group_size, dups), 0.5, dtype=torch.float32, device=self.device)
         self.last_status = self.last_iterations = self.last_objective = None
         self.phy2log: torch.Tensor
         self.update_redundancy_mapping()
+
+    def init_from_deep_ep(self, buffer) -> None:
+        """LPLB's: take the EP communication from a DeepEP Buffer (epkern's, or DeepEP's own). LPLB
+        hands its solver the buffer's NVSHMEM; here the workload all-reduce of solve_probs then runs
+        over the buffer's process group. Calling it again does nothing, as in LPLB."""
+        if self.deep_ep_initialized:
+            return
+        import torch.distributed as dist
+
+        group = buffer.group
+        size = dist.get_world_size(group)
+        if size != self.ep_size:
+            raise ValueError(f"init_from_deep_ep: the buffer's group has {size} ranks, this planner was made for "
+                             f"ep_size={self.ep_size}")
+        self.ep_group = group
+        self.deep_ep_initialized = True
 
     # -- placement -------------------------------------------------------------------------------
     def update_redundancy_mapping(self, workload: torch.Tensor | None = None, *, gpus_per_node: int | None = None):

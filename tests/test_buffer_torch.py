@@ -14,7 +14,10 @@ def _worker(rank, world, seed, quick):
 
     import epkern.buffer as B
 
-    buffer = B.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, backend="auto")
+    # "auto" picks the NVLink kernels wherever the GPUs can reach each other (gloo or not): on a
+    # GPU machine these CPU tensors need the portable backend named
+    backend = "torch" if torch.cuda.is_available() else "auto"
+    buffer = B.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, backend=backend)
     assert buffer.backend == "torch"
     assert buffer.get_comm_stream() is None
     M.check_validation(buffer, world, "cpu")

@@ -10,7 +10,7 @@ E, EP, RED = 256, 32, 2
 
 
 def make_planner(device="cpu"):
-    planner = Planner(cube_8p2e().to(device), E + RED * EP, E, EP)
+    planner = Planner(cube_8p2e().to(device), E + RED * EP, E, EP, device=device)
     gen = torch.Generator().manual_seed(1)
     history = ((torch.randn(E, generator=gen) * 0.15 + 1).clamp_min(0) * 2**20).long()
     planner.update_redundancy_mapping(history, gpus_per_node=8)

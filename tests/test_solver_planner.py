@@ -18,7 +18,7 @@ LPLB_SCENARIOS = {
 
 def make_planner(name, device="cpu"):
     topo, n_log, ep, red, _, _ = LPLB_SCENARIOS[name]
-    return Planner(topo().to(device), n_log + red * ep, n_log, ep)
+    return Planner(topo().to(device), n_log + red * ep, n_log, ep, device=device)
 
 
 def lplb_workloads(n_log, seed, reorder):
@@ -203,7 +203,7 @@ def test_gpu_run_replays_in_a_cuda_graph():
 def _all_reduce_worker(rank, world):
     import torch.distributed as dist
 
-    planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, group=dist.group.WORLD)
+    planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, group=dist.group.WORLD, device="cpu")
     _, local = lplb_workloads(256, 100 + rank, False)
     counter = torch.zeros(1, dtype=torch.int32)
     probs, global_workload = planner.solve_probs(local, counter)
@@ -215,7 +215,7 @@ def test_group_all_reduces_the_workload():
 
     results = multiproc.run(_all_reduce_worker, 2, "cpu")
     total = results[0]["local"] + results[1]["local"]
-    single = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32)
+    single = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, device="cpu")
     expected, expected_global = single.solve_probs(total, torch.zeros(1, dtype=torch.int32))
     for r in results:  # both ranks solve the summed workload, so they agree with each other
         assert torch.equal(r["probs"], expected) and torch.allclose(r["global_workload"], expected_global)

@@ -32,6 +32,7 @@ class BufferOverflowError(RuntimeError):
 
 class NvlinkBackend:
     name = "nvlink"
+    carries_any_row = False   # bf16 rows, or fp8 rows + fp32 [T, H/128] scales (Buffer fits the rest)
 
     def __init__(self, group, rank: int, num_ranks: int, num_nvl_bytes: int, timeout_s: float):
         if num_ranks > ik.MAX_RANKS:

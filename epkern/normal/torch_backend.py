@@ -16,8 +16,10 @@ from .handle import DispatchHandle, aligned_counts, channel_matrices, send_head_
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """[rows, ...] -> [rows, nbytes] uint8 view of a contiguous tensor."""
-    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+    """[rows, ...] -> [rows, nbytes] uint8 (a view where t is contiguous). Through 1-D: a [T, 1]
+    column-major view (SGLang's UE8M0 scales) counts as contiguous but keeps a last stride != 1."""
+    width = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+    return t.contiguous().reshape(-1).view(torch.uint8).view(t.shape[0], width)
 
 
 def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
@@ -26,6 +28,8 @@ def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Te
 
 class TorchBackend:
     name = "torch"
+    carries_any_row = True    # every row travels as bytes
+    peer = None               # no peer buffer
 
     def __init__(self, group, rank: int, num_ranks: int):
         self.group = group
@@ -147,6 +151,9 @@ class TorchBackend:
             combined_weights = torch.zeros(T, K, dtype=topk_weights.dtype, device=device)
             combined_weights.index_add_(0, token, _from_bytes(back[:, hb:], topk_weights.dtype, (len(token), K)))
         return acc.to(x.dtype), combined_weights
+
+    def raise_if_failed(self) -> None:
+        pass  # collectives raise where they fail
 
     def destroy(self) -> None:
         pass
