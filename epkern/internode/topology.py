@@ -14,6 +14,8 @@ import socket
 
 import torch.distributed as dist
 
+from epkern.codegen import knobs
+
 
 @dataclasses.dataclass(frozen=True)
 class NodeTopology:
@@ -56,7 +58,7 @@ def detect_topology(group, ranks_per_node: int | None = None) -> NodeTopology:
     """The node layout of `group`, agreed by every rank (a collective: every rank must call it)."""
     world = dist.get_world_size(group)
     if ranks_per_node is None:
-        ranks_per_node = _positive_int_env("EPKERN_RANKS_PER_NODE")
+        ranks_per_node = knobs.ranks_per_node()
     if ranks_per_node is None:
         mine = (socket.gethostname(), _positive_int_env("LOCAL_WORLD_SIZE"))
         everyone: list = [None] * world
