@@ -8,6 +8,7 @@
 | EPKERN_VERBOSE | 1 = log compiles and cache hits to stderr | 0 |
 | EPKERN_NVRTC_EXTRA_OPTIONS | extra NVRTC options, space separated (part of the cache key) | "" |
 | EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising | 100 |
+| EPKERN_RANKS_PER_NODE | ranks per node for multi-node EP (1 = each GPU its own node, for tests on one machine) | LOCAL_WORLD_SIZE, else host names |
 | EPKERN_CHECK_VALUES | 1 = check index values (expert ids in range) before launch; costs one host sync; skipped during CUDA-graph capture | 1 |
 """
 from __future__ import annotations
@@ -86,6 +87,15 @@ def extra_nvrtc_options() -> tuple[str, ...]:
 
 def peer_timeout_s() -> float:
     return env_float("EPKERN_TIMEOUT_S", 100.0)
+
+
+def ranks_per_node() -> int | None:
+    raw = os.environ.get("EPKERN_RANKS_PER_NODE", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"EPKERN_RANKS_PER_NODE={raw!r}: expected a positive whole number")
+    return int(raw)
 
 
 def check_values() -> bool:

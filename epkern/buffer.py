@@ -34,6 +34,7 @@ from .events import EventHandle, EventOverlap, cuda_event
 from .layout import get_dispatch_layout as _layout
 from .normal import kernels as ik
 from .normal import payload
+from .internode import HierarchicalTorchBackend, NodeTopology, detect_topology
 from .normal.handle import check_handle
 from .normal.torch_backend import TorchBackend
 from .validate import check_positive_int, check_range, check_tensor
@@ -103,11 +104,9 @@ class NotInEpkern(NotImplementedError, AttributeError):
     """A DeepEP attribute epkern does not provide (an AttributeError too, so getattr(obj, name, None) works)."""
 
 
-def _not_internode(what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"Buffer.{what}: internode (RDMA) kernels are not implemented in epkern yet. For ranks on one node "
-        f"call Buffer.{what.replace('internode_', '')} (the NVLink kernels); across nodes build the Buffer with "
-        "backend='torch', whose dispatch/combine run over any process group")
+def _single_node(what: str) -> RuntimeError:
+    return RuntimeError(f"Buffer.{what}: this group is on one node; call Buffer.{what.replace('internode_', '')} "
+                        "(DeepEP's dispatch/combine route to the internode path only when the group spans nodes)")
 
 
 class Buffer:
@@ -166,18 +165,28 @@ class Buffer:
             return False
 
     def _make_backend(self, backend: str) -> NormalBackend:
-        use_nvlink = backend == "nvlink"
-        if backend == "auto":
-            use_nvlink = (torch.cuda.is_available() and self.num_nvl_bytes > 0 and self.group_size <= ik.MAX_RANKS
-                          and _peer_access_everywhere(self.group, torch.cuda.current_device()))
-        if use_nvlink:
-            if not torch.cuda.is_available():
-                raise ValueError("backend='nvlink' needs CUDA")
-            from .normal.nvlink import NvlinkBackend
-
-            made = NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
+        # a group spanning nodes takes the two-hop backend; inside one node, NVLink or torch
+        topology = detect_topology(self.group) if self.group_size > 1 else NodeTopology(1, 1)
+        self.num_nodes = topology.num_nodes
+        if topology.num_nodes > 1:
+            if backend == "nvlink":
+                raise ValueError(f"backend='nvlink': the group spans {topology.num_nodes} nodes "
+                                 f"({topology.ranks_per_node} ranks each); NVLink reaches one node")
+            made = HierarchicalTorchBackend(self.group, self.rank, self.group_size, topology)
         else:
-            made = TorchBackend(self.group, self.rank, self.group_size)
+            use_nvlink = backend == "nvlink"
+            if backend == "auto":
+                use_nvlink = (torch.cuda.is_available() and self.num_nvl_bytes > 0
+                              and self.group_size <= ik.MAX_RANKS
+                              and _peer_access_everywhere(self.group, torch.cuda.current_device()))
+            if use_nvlink:
+                if not torch.cuda.is_available():
+                    raise ValueError("backend='nvlink' needs CUDA")
+                from .normal.nvlink import NvlinkBackend
+
+                made = NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
+            else:
+                made = TorchBackend(self.group, self.rank, self.group_size)
         if not isinstance(made, NormalBackend):
             raise TypeError(f"{type(made).__name__} does not implement the NormalBackend protocol")
         return made
@@ -313,12 +322,20 @@ class Buffer:
     # -- layout ---------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """(num_tokens_per_rank [R], None, num_tokens_per_expert [E], is_token_in_rank [T, R], event)."""
+        """(num_tokens_per_rank [R], num_tokens_per_rdma_rank [nodes] or None on one node,
+        num_tokens_per_expert [E], is_token_in_rank [T, R], event)."""
         self._check_usable()
-        (per_rank, per_expert, in_rank), event = self._run(
-            lambda: _layout(topk_idx, num_experts, self.group_size), (topk_idx,), previous_event, async_finish,
-            allocate_on_comm_stream)
-        return per_rank, None, per_expert, in_rank, event
+
+        def layout():
+            per_rank, per_expert, in_rank = _layout(topk_idx, num_experts, self.group_size)
+            per_node = None
+            if self.num_nodes > 1:
+                per_node = in_rank.view(in_rank.shape[0], self.num_nodes, -1).any(2).sum(0, dtype=torch.int32)
+            return per_rank, per_node, per_expert, in_rank
+
+        (per_rank, per_node, per_expert, in_rank), event = self._run(layout, (topk_idx,), previous_event,
+                                                                     async_finish, allocate_on_comm_stream)
+        return per_rank, per_node, per_expert, in_rank, event
 
     # -- dispatch -------------------------------------------------------------------------------------
     def dispatch(self, x, handle: tuple | None = None, num_tokens_per_rank: torch.Tensor | None = None,
@@ -363,7 +380,7 @@ class Buffer:
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("dispatch: cached mode (handle given) takes no topk_idx / topk_weights")
-            handle = check_handle(handle, R)
+            handle = self._check_handle(handle)
             if handle.num_tokens != T:
                 raise ValueError(f"x: {T} tokens, but the handle was made for {handle.num_tokens}")
         else:
@@ -400,7 +417,7 @@ class Buffer:
         Returns (combined_x [T, H], combined_topk_weights [T, K] or None, event)."""
         self._check_usable()
         config = config or self.get_combine_config(self.group_size)
-        handle = check_handle(handle, self.group_size)
+        handle = self._check_handle(handle)
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(handle.num_recv_rows, None))
         if x.shape[1] % 8:
             raise ValueError(f"x: hidden size {x.shape[1]} must be a multiple of 8")
@@ -421,7 +438,7 @@ class Buffer:
             inputs, previous_event, async_finish, allocate_on_comm_stream)
         return combined_x, combined_weights, event
 
-    # -- internode: DeepEP's names, not implemented yet -------------------------------------------------
+    # -- internode: DeepEP's names for the path dispatch/combine take when the group spans nodes ------
     def internode_dispatch(self, x, handle: tuple | None = None, num_tokens_per_rank: torch.Tensor | None = None,
                            num_tokens_per_rdma_rank: torch.Tensor | None = None,
                            is_token_in_rank: torch.Tensor | None = None,
@@ -429,13 +446,27 @@ class Buffer:
                            topk_weights: torch.Tensor | None = None, expert_alignment: int = 1,
                            config: Config | None = None, previous_event: EventOverlap | None = None,
                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        raise _not_internode("internode_dispatch")
+        """Dispatch across nodes (what dispatch does when the group spans nodes; see epkern.internode)."""
+        if self.num_nodes == 1:
+            raise _single_node("internode_dispatch")
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, 0, config,
+                             previous_event, async_finish, allocate_on_comm_stream)
 
     def internode_combine(self, x: torch.Tensor, handle: tuple, topk_weights: torch.Tensor | None = None,
                           bias: torch.Tensor | tuple | None = None, config: Config | None = None,
                           previous_event: EventOverlap | None = None, async_finish: bool = False,
                           allocate_on_comm_stream: bool = False):
-        raise _not_internode("internode_combine")
+        """Combine across nodes (what combine does when the group spans nodes; see epkern.internode)."""
+        if self.num_nodes == 1:
+            raise _single_node("internode_combine")
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    def _check_handle(self, handle):
+        if isinstance(self._backend, HierarchicalTorchBackend):
+            return self._backend.check_handle(handle)
+        return check_handle(handle, self.group_size)
 
     # -- lifetime -------------------------------------------------------------------------------------
     def _check_usable(self) -> None:

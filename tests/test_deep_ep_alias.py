@@ -148,11 +148,11 @@ def test_buffer_instance_attributes(buffer):
         buffer.runtime
 
 
-def test_internode_names_raise_not_implemented(buffer):
+def test_internode_names_on_one_node_point_to_dispatch(buffer):
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="internode.*backend='torch'"):
+    with pytest.raises(RuntimeError, match="one node; call Buffer.dispatch"):
         buffer.internode_dispatch(x)
-    with pytest.raises(NotImplementedError, match="internode"):
+    with pytest.raises(RuntimeError, match="one node; call Buffer.combine"):
         buffer.internode_combine(x, None)
     with pytest.raises(NotImplementedError, match="mpi4py"):
         __import__("epkern").Buffer(None, comm=object())

@@ -9,6 +9,8 @@ call, num_worst_tokens included (the NVLink backend does not).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -16,14 +18,19 @@ from .handle import DispatchHandle, aligned_counts, channel_matrices, send_head_
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """[rows, ...] -> [rows, nbytes] uint8 (a view where t is contiguous). Through 1-D: a [T, 1]
-    column-major view (SGLang's UE8M0 scales) counts as contiguous but keeps a last stride != 1."""
-    width = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
-    return t.contiguous().reshape(-1).view(torch.uint8).view(t.shape[0], width)
+    """[rows, ...] -> [rows, nbytes] uint8 (a view where t is contiguous; zero rows included). Through
+    1-D: a [T, 1] column-major view (SGLang's UE8M0 scales) counts as contiguous but keeps a last
+    stride != 1."""
+    row_bytes = math.prod(t.shape[1:]) * t.element_size()
+    return t.contiguous().reshape(-1).view(torch.uint8).view(t.shape[0], row_bytes)
 
 
 def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    return raw.contiguous().view(dtype).view(shape)
+    if raw.numel() == 0:
+        return torch.empty(shape, dtype=dtype, device=raw.device)
+    if raw.stride(0) != raw.shape[1]:  # a column slice; one row of it counts as contiguous, yet keeps its stride
+        raw = torch.empty(raw.shape, dtype=raw.dtype, device=raw.device).copy_(raw)
+    return raw.view(dtype).view(shape)
 
 
 class TorchBackend:

@@ -1,0 +1,11 @@
+"""Normal mode across nodes: a token crosses the network once per destination node and fans out inside it.
+
+`topology` says which ranks share a node; `routing` is the two-hop plan (pure tensor math, the
+same on every device); `torch_backend` runs both hops over torch.distributed collectives, the
+portable engine (NCCL between GPUs, gloo on CPU), behind the same backend contract as
+`epkern.normal`'s backends.
+"""
+from .topology import NodeTopology, detect_topology
+from .torch_backend import HierarchicalTorchBackend, InternodeHandle
+
+__all__ = ["HierarchicalTorchBackend", "InternodeHandle", "NodeTopology", "detect_topology"]
