@@ -33,17 +33,26 @@ def build(spec, arch: str | None = None) -> cache.CacheEntry:
     options = compiler.compile_options(arch, tuple(getattr(spec, "extra_options", lambda: ())()))
     key = cache.source_key(source, options, arch)
     if not knobs.jit_enabled():
-        entry = cache.find_any_compiler(spec.symbol, key)
+        entry = cache.find_any_compiler(spec.symbol, key, spec.name)
         if entry is None:
             raise MissingKernelError(spec, arch, precompile_hint(spec, arch))
         return entry
     nvrtc = compiler.nvrtc_version()
     path = cache.entry_path(spec.symbol, key, nvrtc)
-    entry = cache.load(path)
+    try:
+        return _load_or_compile(spec, source, options, arch, nvrtc, key, path)
+    except cache.CacheUnusable as exc:
+        # an unreadable entry or an unwritable cache: compile into a private temporary one (one warning)
+        fallback = cache.entry_path(spec.symbol, key, nvrtc, root=cache.fallback_root(str(exc)))
+        return _load_or_compile(spec, source, options, arch, nvrtc, key, fallback)
+
+
+def _load_or_compile(spec, source, options, arch, nvrtc, key, path) -> cache.CacheEntry:
+    entry = cache.load(path, key=key, name=spec.name)
     if entry is not None:
         return entry
     with cache.lock_for(path):
-        entry = cache.load(path)  # another process may have built it while we waited
+        entry = cache.load(path, key=key, name=spec.name)  # another process may have built it while we waited
         if entry is not None:
             return entry
         start = time.perf_counter()
