@@ -101,11 +101,13 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            check_positive_int(name, value, lo=0)
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
-        self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else float(timeout_s)
+        self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else knobs.check_timeout_s("timeout_s", timeout_s)
         self._low_latency = None
         if low_latency_mode:
             from .low_latency import LowLatencyBuffer
@@ -137,7 +139,7 @@ class Buffer:
             from .normal.nvlink import NvlinkBackend
 
             return NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
-        return TorchBackend(self.group, self.rank, self.group_size)
+        return TorchBackend(self.group, self.rank, self.group_size, self.timeout_s)
 
     @property
     def backend(self) -> str:

@@ -97,7 +97,7 @@ def check_choice_arg(name: str, value, allowed) -> None:
 
 
 def _check_hidden(name: str, hidden: int, group_size, ue8m0: bool) -> None:
-    if group_size not in GROUP_SIZES or isinstance(group_size, bool):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r}: allowed values are {list(GROUP_SIZES)}")
     if hidden < group_size or hidden % group_size or hidden > MAX_HIDDEN:
         raise ValueError(f"{name}: hidden size {hidden} must be a multiple of group_size={group_size} "

@@ -15,6 +15,7 @@ KINDS = DISPATCH_KINDS + ("combine",)
 MAX_RANKS = 64
 MAX_TOPK = 32
 MAX_EXPERTS = 8192
+MAX_DISPATCH_TOKENS = 1 << 16  # per rank and call (size hints beyond it exceed any GPU's memory)
 ALIGN = 128
 BARRIER_BYTES = 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
 NUM_FLAG_ARRAYS = 3  # dispatch, combine, weights: [R] 64-bit epoch signals each
@@ -164,8 +165,9 @@ def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int
     """Bytes of peer buffer per rank that low-latency dispatch/combine need for these shapes."""
     LowLatencySpec("combine", hidden, num_ranks, num_experts, 1)  # validates the shapes
     if isinstance(num_max_dispatch_tokens_per_rank, bool) or not isinstance(num_max_dispatch_tokens_per_rank, int) \
-            or num_max_dispatch_tokens_per_rank < 1:
-        raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank!r}: expected an int >= 1")
+            or not 1 <= num_max_dispatch_tokens_per_rank <= MAX_DISPATCH_TOKENS:
+        raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank!r}: expected an int "
+                         f"in [1, {MAX_DISPATCH_TOKENS}]")
     return BufferLayout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes
 
 

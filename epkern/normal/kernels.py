@@ -68,8 +68,14 @@ class PeerLayout:
         return (HEADER_BYTES - COUNTS_OFF) // 4
 
 
+MAX_HINT_SLOTS = 1 << 24  # token slots (tokens per rank x ranks) a size hint accepts: beyond any GPU's memory
+
+
 def required_bytes(num_slots: int, slot_bytes: int) -> int:
     """The smallest peer buffer holding num_slots slots of slot_bytes (with its flags)."""
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or not 0 <= num_slots <= MAX_HINT_SLOTS:
+        raise ValueError(f"{num_slots!r} token slots (num_max_tokens x num_ranks): expected an int in "
+                         f"[0, {MAX_HINT_SLOTS}]")
     rest = max(FLAG_FRACTION * (num_slots * 4 + 4096),
                -(-num_slots * slot_bytes * FLAG_FRACTION // (FLAG_FRACTION - 1)) + 2 * 4096)
     nbytes = HEADER_BYTES + _round_up(rest, 4096)
