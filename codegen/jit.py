@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import time
 
 from . import cache, compiler, knobs
@@ -23,7 +25,19 @@ class MissingKernelError(RuntimeError):
 
 
 def precompile_hint(spec, arch: str) -> str:
-    return f"epkern precompile --arch {arch}  (with a --config listing this shape if it is not in the default deployment)"
+    """A command that builds the kernel (JIT on: precompiling compiles), in the same cache."""
+    raw = os.environ.get("EPKERN_CACHE_DIR", "").strip()
+    command = f"EPKERN_JIT=1 {f'EPKERN_CACHE_DIR={shlex.quote(raw)} ' if raw else ''}epkern precompile --arch {arch}"
+    try:
+        from epkern.deployment import Deployment, specs_for
+
+        default = spec in specs_for([Deployment()])
+    except Exception:  # the hint must never hide the error it is part of
+        default = False
+    if default:
+        return command
+    return (f"{command} --config deploy.json  (deploy.json: this model's shapes, e.g. {{\"hidden\": 7168, "
+            f"\"num_experts\": 256, \"num_topk\": 8, \"ep_sizes\": [8]}}; the default is DeepSeek-V3 at EP 2, 4, 8)")
 
 
 def build(spec, arch: str | None = None) -> cache.CacheEntry:

@@ -324,6 +324,17 @@ def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, out_dtype=tor
     return out
 
 
+def deployment_skips(deployment) -> list[str]:
+    """Why deployment_specs builds fewer casts than the six formats x layouts."""
+    if deployment.hidden > MAX_HIDDEN:
+        return [f"hidden {deployment.hidden} > {MAX_HIDDEN}: no FP8 cast"]
+    if deployment.hidden % 128:
+        return [f"hidden {deployment.hidden} is not a multiple of 128: no FP8 cast"]
+    if deployment.hidden % 512:
+        return [f"hidden {deployment.hidden} is not a multiple of 512: no UE8M0 cast"]
+    return []
+
+
 def deployment_specs(deployment) -> list[Fp8CastSpec]:
     """The bf16, 128-channel casts a deployment's hidden size uses: every scale format and layout
     (each spec also holds its bf16 cast-back). None when hidden is not a multiple of 128."""

@@ -3,6 +3,7 @@
 `kernels` owns the spec, the buffer layout and the launchers; `buffer` is the LowLatencyBuffer that
 `epkern.Buffer(low_latency_mode=True)` delegates to.
 """
-from .buffer import LowLatencyBuffer, deployment_specs, get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
+from .buffer import (LowLatencyBuffer, deployment_skips, deployment_specs, get_low_latency_rdma_size_hint,
+                     max_dispatch_tokens_for_bytes)
 
-__all__ = ["LowLatencyBuffer", "deployment_specs", "get_low_latency_rdma_size_hint", "max_dispatch_tokens_for_bytes"]
+__all__ = ["LowLatencyBuffer", "deployment_skips", "deployment_specs", "get_low_latency_rdma_size_hint", "max_dispatch_tokens_for_bytes"]

@@ -52,6 +52,15 @@ def max_dispatch_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, n
     return max_tokens_for_bytes(num_bytes, hidden, num_ranks, num_experts)
 
 
+def deployment_skips(deployment) -> list[str]:
+    """Why deployment_specs builds no low-latency kernel for (part of) a deployment."""
+    if deployment.hidden % 128:
+        return [f"hidden {deployment.hidden} is not a multiple of 128: no low-latency kernels"]
+    if deployment.num_topk > MAX_TOPK:
+        return [f"top-{deployment.num_topk} > {MAX_TOPK}: no low-latency kernels"]
+    return [f"EP {r}: more than {MAX_RANKS} ranks" for r in deployment.ep_sizes if r > MAX_RANKS]
+
+
 def deployment_specs(deployment) -> list[LowLatencySpec]:
     """Every low-latency kernel a deployment needs: four dispatch formats and combine per EP size.
 

@@ -205,6 +205,15 @@ def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, r
         combined_x, combined_weights, np.uint64(status_ptr), smem=spec.dynamic_smem, stream=stream)
 
 
+def deployment_skips(deployment) -> list[str]:
+    """Why deployment_specs builds less than every intranode kernel for every EP size."""
+    reasons = [f"EP {r}: more than {MAX_RANKS} ranks (intranode is one node)" for r in deployment.ep_sizes
+               if r > MAX_RANKS]
+    if deployment.hidden % 128 and any(r <= MAX_RANKS for r in deployment.ep_sizes):
+        reasons.append(f"hidden {deployment.hidden} is not a multiple of 128: no FP8 dispatch")
+    return reasons
+
+
 def deployment_specs(deployment) -> list[IntranodeSpec]:
     """Notify, dispatch (bf16, fp8; with and without top-k) and combine at DeepEP's default 20 SMs and 24."""
     specs = []
