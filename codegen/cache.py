@@ -38,6 +38,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,13 +323,16 @@ def lock_for(path: Path, timeout: float | None = None) -> CompileLock:
 
 
 _fallback: Path | None = None
+_fallback_lock = threading.Lock()
 
 
 def fallback_root(reason: str) -> Path:
     """A private temporary cache for this process's compiles when the configured one cannot be
     used; the first call logs one warning with the reason."""
     global _fallback
-    if _fallback is None:
+    with _fallback_lock:
+        if _fallback is not None:
+            return _fallback
         _fallback = Path(tempfile.mkdtemp(prefix="epkern-cache-"))
         _log.warning("%s\nepkern: compiling into the temporary cache %s for this process instead (kernels are "
                      "rebuilt by every process until EPKERN_CACHE_DIR names a usable directory)", reason, _fallback)

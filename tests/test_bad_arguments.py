@@ -85,6 +85,8 @@ def test_huge_num_experts_on_the_cpu_layout_fails_at_once():
 def test_size_hints_reject_absurd_token_counts():
     with pytest.raises(ValueError, match=r"token slots \(num_max_tokens x num_ranks\)"):
         Config().get_nvl_buffer_size_hint(7168 * 2, 8, num_max_tokens=10**12)
-    with pytest.raises(ValueError, match=r"num_max_dispatch_tokens_per_rank=1000000000: expected an int in \[1, 65536\]"):
+    with pytest.raises(ValueError, match=r"num_max_dispatch_tokens_per_rank=1000000000: expected an int in \[1, 1048576\]"):
         get_low_latency_rdma_size_hint(10**9, 7168, 8, 256)
+    from epkern import max_dispatch_tokens_for_bytes
+    assert max_dispatch_tokens_for_bytes(1 << 62, 128, 2, 2) == 1 << 20  # the inverse stops at the limit too
     assert get_low_latency_rdma_size_hint(128, 7168, 8, 256) > 0

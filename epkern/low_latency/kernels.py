@@ -15,7 +15,7 @@ KINDS = DISPATCH_KINDS + ("combine",)
 MAX_RANKS = 64
 MAX_TOPK = 32
 MAX_EXPERTS = 8192
-MAX_DISPATCH_TOKENS = 1 << 16  # per rank and call (size hints beyond it exceed any GPU's memory)
+MAX_DISPATCH_TOKENS = 1 << 20  # per rank and call: size hints and buffers beyond it are a mistake (R*M slots fit int32)
 ALIGN = 128
 BARRIER_BYTES = 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
 NUM_FLAG_ARRAYS = 3  # dispatch, combine, weights: [R] 64-bit epoch signals each
@@ -179,7 +179,7 @@ def max_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_expert
     fixed = BufferLayout(0, hidden, num_ranks, num_experts).total_bytes
     # per token and buffer: weights, a recv slot per rank, the send rows; alignment only adds
     per_token = 2 * (num_ranks * (4 * MAX_TOPK + slot_bytes(hidden)) + num_experts * 2 * hidden)
-    m = max(0, (num_bytes - fixed) // per_token)
+    m = min(MAX_DISPATCH_TOKENS, max(0, (num_bytes - fixed) // per_token))
     while m > 0 and BufferLayout(m, hidden, num_ranks, num_experts).total_bytes > num_bytes:
         m -= 1
     return m
