@@ -3,6 +3,7 @@
 # make precompile   build the default deployment's kernels into the cache (EPKERN_CACHE_DIR)
 # make gpu-cache    precompile into .gpu_cache/ for the offline-load test (scripts/prepare_gpu_cache.sh)
 # make bench-cpu    CPU-side costs of the pipeline (pytest-benchmark)
+# make sanitize     on a GPU machine: compute-sanitizer memcheck/racecheck/synccheck over every kernel family (OUT=dir)
 PYTHON ?= python3
 BENCHMARKS := $(filter-out __init__ harness test_%,$(basename $(notdir $(wildcard benchmarks/*.py))))
 
@@ -11,7 +12,7 @@ export NCCL_NVLS_ENABLE = 0
 export TORCH_SYMM_MEM_DISABLE_MULTICAST = 1
 export NVSHMEM_DISABLE_NVLS = 1
 
-.PHONY: test test-gpu precompile gpu-cache bench-cpu
+.PHONY: test test-gpu precompile gpu-cache bench-cpu sanitize
 
 test:
 	$(PYTHON) -m pytest -q
@@ -34,3 +35,6 @@ gpu-cache:
 
 bench-cpu:
 	$(PYTHON) -m pytest benchmarks/test_cpu_costs.py
+
+sanitize:
+	bash scripts/sanitize.sh $(or $(OUT),.sanitize_out)

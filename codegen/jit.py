@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import time
 
 from . import cache, compiler, knobs
@@ -23,7 +25,19 @@ class MissingKernelError(RuntimeError):
 
 
 def precompile_hint(spec, arch: str) -> str:
-    return f"epkern precompile --arch {arch}  (with a --config listing this shape if it is not in the default deployment)"
+    """A command that builds the kernel (JIT on: precompiling compiles), in the same cache."""
+    raw = os.environ.get("EPKERN_CACHE_DIR", "").strip()
+    command = f"EPKERN_JIT=1 {f'EPKERN_CACHE_DIR={shlex.quote(raw)} ' if raw else ''}epkern precompile --arch {arch}"
+    try:
+        from epkern.deployment import Deployment, specs_for
+
+        default = spec in specs_for([Deployment()])
+    except Exception:  # the hint must never hide the error it is part of
+        default = False
+    if default:
+        return command
+    return (f"{command} --config deploy.json  (deploy.json: this model's shapes, e.g. {{\"hidden\": 7168, "
+            f"\"num_experts\": 256, \"num_topk\": 8, \"ep_sizes\": [8]}}; the default is DeepSeek-V3 at EP 2, 4, 8)")
 
 
 def build(spec, arch: str | None = None) -> cache.CacheEntry:
@@ -33,17 +47,26 @@ def build(spec, arch: str | None = None) -> cache.CacheEntry:
     options = compiler.compile_options(arch)
     key = cache.source_key(source, options, arch)
     if not knobs.jit_enabled():
-        entry = cache.find_any_compiler(spec.symbol, key)
+        entry = cache.find_any_compiler(spec.symbol, key, spec.name)
         if entry is None:
             raise MissingKernelError(spec, arch, precompile_hint(spec, arch))
         return entry
     nvrtc = compiler.nvrtc_version()
     path = cache.entry_path(spec.symbol, key, nvrtc)
-    entry = cache.load(path)
+    try:
+        return _load_or_compile(spec, source, options, arch, nvrtc, key, path)
+    except cache.CacheUnusable as exc:
+        # an unreadable entry or an unwritable cache: compile into a private temporary one (one warning)
+        fallback = cache.entry_path(spec.symbol, key, nvrtc, root=cache.fallback_root(str(exc)))
+        return _load_or_compile(spec, source, options, arch, nvrtc, key, fallback)
+
+
+def _load_or_compile(spec, source, options, arch, nvrtc, key, path) -> cache.CacheEntry:
+    entry = cache.load(path, key=key, name=spec.name)
     if entry is not None:
         return entry
     with cache.lock_for(path):
-        entry = cache.load(path)  # another process may have built it while we waited
+        entry = cache.load(path, key=key, name=spec.name)  # another process may have built it while we waited
         if entry is not None:
             return entry
         start = time.perf_counter()

@@ -7,13 +7,15 @@
 | EPKERN_ARCH | target architecture, e.g. sm_90a (overrides the detected GPU) | current GPU, else sm_90a |
 | EPKERN_VERBOSE | 1 = log compiles and cache hits to stderr | 0 |
 | EPKERN_NVRTC_EXTRA_OPTIONS | extra NVRTC options, space separated (part of the cache key) | "" |
-| EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising | 100 |
+| EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising (finite, at most 86400) | 100 |
+| EPKERN_LOCK_TIMEOUT_S | seconds a process waits for another's compile of the same kernel before raising (naming the holder) | 600 |
 | EPKERN_RANKS_PER_NODE | ranks per node for multi-node EP (1 = each GPU its own node, for tests on one machine) | LOCAL_WORLD_SIZE, else host names |
 | EPKERN_CHECK_VALUES | 1 = check index values (expert ids in range) before launch; costs one host sync; skipped during CUDA-graph capture | 1 |
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -40,7 +42,12 @@ def _parse_bool(name: str, raw: str | None, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r}: expected one of {sorted(_TRUE | _FALSE)}")
 
 
-def env_float(name: str, default: float) -> float:
+# Longest accepted timeout: a day. Larger values (1e30, inf) would overflow the kernels' uint64
+# nanosecond deadlines or amount to no timeout at all.
+MAX_TIMEOUT_S = 86400.0
+
+
+def env_float(name: str, default: float, hi: float | None = None) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -48,8 +55,20 @@ def env_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected a number") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r}: expected a positive number")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={raw!r}: expected a finite positive number")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}={raw!r}: at most {hi:g} is allowed")
+    return value
+
+
+def check_timeout_s(name: str, value) -> float:
+    """A timeout argument in seconds: a finite number in (0, MAX_TIMEOUT_S]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r}: expected a number of seconds")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0 or value > MAX_TIMEOUT_S:
+        raise ValueError(f"{name}={value!r}: expected a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     return value
 
 
@@ -86,7 +105,11 @@ def extra_nvrtc_options() -> tuple[str, ...]:
 
 
 def peer_timeout_s() -> float:
-    return env_float("EPKERN_TIMEOUT_S", 100.0)
+    return env_float("EPKERN_TIMEOUT_S", 100.0, MAX_TIMEOUT_S)
+
+
+def lock_timeout_s() -> float:
+    return env_float("EPKERN_LOCK_TIMEOUT_S", 600.0, MAX_TIMEOUT_S)
 
 
 def ranks_per_node() -> int | None:

@@ -15,8 +15,10 @@ from . import render as _render
 
 
 def check_choice(spec_name: str, field: str, value: Any, allowed: Iterable[Any]) -> None:
+    """value must be one of allowed, of the same type (128.0 or True is not 128 or 1: they would
+    render into the kernel source as 128.0 / true and fail inside NVRTC)."""
     allowed = tuple(allowed)
-    if value not in allowed:
+    if not any(value == a and type(value) is type(a) for a in allowed):
         raise ValueError(f"{spec_name}.{field}={value!r}: allowed values are {list(allowed)}")
 
 
@@ -44,16 +46,22 @@ class KernelSpec:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _abstract(self, method: str):
+        if type(self) is KernelSpec:
+            return NotImplementedError("KernelSpec is the abstract base of kernel specs; build a family's spec "
+                                       "instead, e.g. epkern.layout.LayoutSpec or epkern.fp8.Fp8CastSpec")
+        return NotImplementedError(f"{type(self).__name__} must implement KernelSpec.{method}()")
+
     # -- to implement --------------------------------------------------------
     def validate(self) -> None:
-        raise NotImplementedError
+        raise self._abstract("validate")
 
     def template_vars(self) -> dict[str, Any]:
-        raise NotImplementedError
+        raise self._abstract("template_vars")
 
     def name_fields(self) -> str:
         """Short readable encoding of the fields, e.g. 'e256_r8_k8'."""
-        raise NotImplementedError
+        raise self._abstract("name_fields")
 
     # -- derived ---------------------------------------------------------------
     def fields(self) -> dict[str, Any]:

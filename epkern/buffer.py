@@ -136,11 +136,13 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            check_positive_int(name, value, lo=0)
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
-        self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else float(timeout_s)
+        self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else knobs.check_timeout_s("timeout_s", timeout_s)
         self._local_bytes: torch.Tensor | None = None
         self._low_latency = None
         if low_latency_mode:
@@ -186,7 +188,7 @@ class Buffer:
 
                 made = NvlinkBackend(self.group, self.rank, self.group_size, self.num_nvl_bytes, self.timeout_s)
             else:
-                made = TorchBackend(self.group, self.rank, self.group_size)
+                made = TorchBackend(self.group, self.rank, self.group_size, self.timeout_s)
         if not isinstance(made, NormalBackend):
             raise TypeError(f"{type(made).__name__} does not implement the NormalBackend protocol")
         return made

@@ -1,4 +1,9 @@
-"""The `epkern` command: info, precompile, cache list|clear."""
+"""The `epkern` command: info, precompile, cache list|clear, --version.
+
+One subparser per command (build_parser), each with set_defaults(func=cmd_x). User errors
+(a bad config, arch or option) print one line naming the file / field and exit 2; a cache
+that cannot be used or an offline miss prints its message and exits 1; anything else is a bug
+and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +11,10 @@ import concurrent.futures
 import os
 import sys
 import time
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the files it names: one line, exit status 2."""
 
 
 def _human(n: float) -> str:
@@ -50,11 +59,24 @@ def cmd_info(args) -> int:
 def cmd_precompile(args) -> int:
     from tqdm import tqdm
 
-    from epkern.codegen import cache, compiler, jit
-    from epkern.deployment import load_deployments, specs_for
+    from epkern.codegen import cache, compiler, jit, knobs
+    from epkern.deployment import DeploymentError, load_deployments, plan
 
-    arch = compiler.target_arch(args.arch)
-    specs = specs_for(load_deployments(args.config))
+    try:
+        arch = compiler.target_arch(args.arch)
+        specs, skips = plan(load_deployments(args.config))
+    except DeploymentError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # the architecture
+        raise UsageError(f"--arch: {exc}") from None
+    for family, reason in skips:
+        print(f"skipped {family}: {reason}", file=sys.stderr)
+    if skips and args.strict:
+        raise UsageError(f"{len(skips)} kernel famil{'y' if len(skips) == 1 else 'ies'} skipped for this config "
+                         f"(listed above); --strict makes that an error")
+    if not knobs.jit_enabled():  # precompiling is compiling: EPKERN_JIT=0 is meant for the machines that load
+        print("note: EPKERN_JIT=0 is ignored by precompile", file=sys.stderr)
+        os.environ["EPKERN_JIT"] = "1"
     results = []
 
     def build_one(spec):
@@ -76,7 +98,7 @@ def cmd_precompile(args) -> int:
         print(f"{spec.name:<{width}}  {arch:<8}  {status:<9}  {seconds:8.3f}")
     n_compiled = sum(1 for r in results if r[3])
     print(f"{len(results)} kernels for {arch}: {n_compiled} compiled, {len(results) - n_compiled} cache hits; "
-          f"cache {cache.kernels_root()}")
+          f"cache {cache.kernels_root()}" + (f"; {len(skips)} skipped (see above)" if skips else ""))
     return 0
 
 
@@ -99,14 +121,29 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int >= 0 (0: one per CPU)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from epkern.codegen.cache import epkern_version
+
     parser = argparse.ArgumentParser(prog="epkern", description="epkern: JIT expert-parallel MoE kernels")
+    parser.add_argument("--version", action="version", version=f"epkern {epkern_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="GPU, driver, NVRTC, target architecture, cache").set_defaults(func=cmd_info)
     pre = sub.add_parser("precompile", help="build every kernel a deployment needs into the cache")
     pre.add_argument("--config", help="JSON file: one deployment or a list (default: DeepSeek-V3, EP 2/4/8)")
     pre.add_argument("--arch", help="target, e.g. sm_90a (default: current GPU, else sm_90a)")
-    pre.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: CPU count)")
+    pre.add_argument("--jobs", type=_jobs, default=0, help="parallel compiles (default: CPU count)")
+    pre.add_argument("--strict", action="store_true",
+                     help="fail if the config makes any kernel family skip part of its kernels")
     pre.set_defaults(func=cmd_precompile)
     c = sub.add_parser("cache", help="list or clear the kernel cache")
     c.add_argument("action", choices=["list", "clear"])
@@ -115,8 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from epkern.codegen import MissingKernelError
+    from epkern.codegen.cache import CacheLockTimeout, CacheUnusable
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"epkern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (CacheUnusable, CacheLockTimeout, MissingKernelError) as exc:
+        print(f"epkern {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ implements it on the GPU; `quantize_reference` below is the same steps in torch,
     amax  = max |x| over the group's non-NaN elements (0 if none)
     scale = fp32(max(amax, 1e-4) / 448)                 (correctly rounded)
     round_scale: scale = 2^ceil(log2(scale))            (exact, on the fp32 bits)
-    inv   = fp32(1 / scale)                             (correctly rounded)
-    q     = e4m3(fp32(x * inv)), round to nearest even, saturating at +-448
+    mult  = fp32(448 / max(amax, 1e-4))                 (correctly rounded; DeepEP's payload rule)
+    round_scale: mult = fp32(1 / scale)                 (exact: the inverse of a power of two)
+    q     = e4m3(fp32(x * mult)), round to nearest even, saturating at +-448
     UE8M0 = the biased fp32 exponent byte of the power-of-two scale, 4 per int32
+
+The multiplier is 448 / amax as in DeepEP's kernels and reference, not 1 / scale: the two differ
+in the last bit for many amax, and a product on an e4m3 rounding boundary then moves one code.
 
 NaN: a NaN element does not take part in amax and becomes the e4m3 NaN 0x7F; the other
 elements of its group are cast as if it were absent. An infinite element makes the group's
@@ -93,7 +97,7 @@ def check_choice_arg(name: str, value, allowed) -> None:
 
 
 def _check_hidden(name: str, hidden: int, group_size, ue8m0: bool) -> None:
-    if group_size not in GROUP_SIZES or isinstance(group_size, bool):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r}: allowed values are {list(GROUP_SIZES)}")
     if hidden < group_size or hidden % group_size or hidden > MAX_HIDDEN:
         raise ValueError(f"{name}: hidden size {hidden} must be a multiple of group_size={group_size} "
@@ -190,8 +194,8 @@ def quantize_reference(x: torch.Tensor, group_size: int, round_scale: bool):
         bits = scale.view(torch.int32)
         rounded = (bits & 0x7F800000) + 0x00800000
         scale = torch.where((bits & 0x007FFFFF) != 0, rounded, bits).view(torch.float32)
-    inv = _f32(1.0 / scale.double())
-    q = e4m3_bits(_f32(xf.double() * inv.double()[..., None]))
+    mult = _f32(1.0 / scale.double()) if round_scale else _f32(FP8_MAX / amax.double())
+    q = e4m3_bits(_f32(xf.double() * mult.double()[..., None]))
     return q.reshape(num_tokens, hidden), scale
 
 
@@ -318,6 +322,17 @@ def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor, out_dtype=tor
     module.launch("cast_back", _grid(spec, num_tokens, device), spec.threads, x_fp8, np.int64(x_fp8.stride(0)),
                   np.int32(num_tokens), scales, np.int32(ld), out)
     return out
+
+
+def deployment_skips(deployment) -> list[str]:
+    """Why deployment_specs builds fewer casts than the six formats x layouts."""
+    if deployment.hidden > MAX_HIDDEN:
+        return [f"hidden {deployment.hidden} > {MAX_HIDDEN}: no FP8 cast"]
+    if deployment.hidden % 128:
+        return [f"hidden {deployment.hidden} is not a multiple of 128: no FP8 cast"]
+    if deployment.hidden % 512:
+        return [f"hidden {deployment.hidden} is not a multiple of 512: no UE8M0 cast"]
+    return []
 
 
 def deployment_specs(deployment) -> list[Fp8CastSpec]:

@@ -48,11 +48,16 @@ def _spec(num_experts: int, num_ranks: int, num_topk: int) -> LayoutSpec:
     return LayoutSpec(num_experts=num_experts, num_ranks=num_ranks, num_topk=num_topk)
 
 
+MAX_LAYOUT_EXPERTS = 1 << 16  # LayoutSpec's bound, for the CPU path too
+
+
 def _check_layout_args(topk_idx, num_experts: int, num_ranks: int) -> None:
     check_positive_int("num_ranks", num_ranks)
     check_positive_int("num_experts", num_experts)
     if num_ranks > MAX_RANKS:
         raise ValueError(f"num_ranks={num_ranks}: at most {MAX_RANKS} ranks are supported")
+    if num_experts > MAX_LAYOUT_EXPERTS:  # the CPU path allocates per expert: fail before terabytes
+        raise ValueError(f"num_experts={num_experts}: at most {MAX_LAYOUT_EXPERTS} experts are supported")
     if num_experts % num_ranks:
         raise ValueError(f"num_experts={num_experts} must be divisible by num_ranks={num_ranks}")
     check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2)

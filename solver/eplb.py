@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import torch
 
+# The placement loops over physical slots in Python (a few torch ops per slot, batched over
+# layers): 16384 slots take seconds; DeepSeek-V3 deployments use a few hundred.
+MAX_REPLICAS = 1 << 14
+
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the n items of each row into num_packs packs of n / num_packs items each, heaviest
@@ -109,6 +113,8 @@ def _check_args(weight, num_replicas, num_groups, num_nodes, num_gpus) -> None:
                         ("num_gpus", num_gpus)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive int")
+    if num_replicas > MAX_REPLICAS:
+        raise ValueError(f"num_replicas={num_replicas}: at most {MAX_REPLICAS} physical experts are supported")
     num_log = weight.shape[1]
     if num_log < 1:
         raise ValueError("weight: needs at least one logical expert")
@@ -120,8 +126,19 @@ def _check_args(weight, num_replicas, num_groups, num_nodes, num_gpus) -> None:
         raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
     if num_log % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the number of logical experts {num_log}")
-    if bool((weight < 0).any()):
-        raise ValueError("weight: loads must be >= 0")
+    check_loads("weight", weight)
+
+
+def check_loads(name: str, weight: torch.Tensor) -> None:
+    """Loads must be finite and >= 0: an inf or NaN load breaks the greedy packing (a NaN sorts
+    first and takes every replica; inf / copies stays inf, so slots are never filled)."""
+    if weight.numel() == 0:
+        return
+    w = weight if weight.is_floating_point() else weight.double()
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"{name}: loads must be finite and >= 0; entry {first} is {w[first].item()}")
 
 
 def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
@@ -129,8 +146,9 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     """Place num_replicas physical experts (the logical ones plus copies) on num_gpus GPUs.
 
     Args:
-        weight: [layers, num_logical_experts] load statistics (any real dtype, >= 0), CPU or CUDA.
-        num_replicas: physical experts, a multiple of num_gpus, >= num_logical_experts.
+        weight: [layers, num_logical_experts] load statistics (any real dtype, finite, >= 0), CPU or
+            CUDA; zero layers give empty tables.
+        num_replicas: physical experts, a multiple of num_gpus, >= num_logical_experts, <= MAX_REPLICAS.
         num_groups: expert groups (of the router's group-limited routing).
         num_nodes: server nodes (the fast intra-node network); num_gpus is a multiple of it.
         num_gpus: GPUs in total.
@@ -142,6 +160,10 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     _check_args(weight, num_replicas, num_groups, num_nodes, num_gpus)
     layers, num_log = weight.shape
     weight = weight.double()
+    if layers == 0:  # no layers: empty tables, one copy per expert
+        empty = torch.empty(0, num_replicas, dtype=torch.int64, device=weight.device)
+        return (empty, torch.empty(0, num_log, 1, dtype=torch.int64, device=weight.device),
+                torch.empty(0, num_log, dtype=torch.int64, device=weight.device))
     if num_groups % num_nodes == 0:
         phy2log, replica, logcnt = _hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
     else:

@@ -20,6 +20,16 @@ from epkern.validate import check_positive_int, check_range, check_tensor
 from . import eplb, ipm_kernel, ipm_numba, lp, map_kernel
 from .topologies import original_to_redundant, validate_r2o
 
+# n_sms chunks of count_workload / weighted_select_target: one per SM (an H200 has 132); by_sm
+# holds n_sms x n_logical counts, so a token count passed by mistake must not allocate gigabytes.
+MAX_SMS = 1024
+
+
+def _check_n_sms(n_sms) -> None:
+    check_positive_int("n_sms", n_sms)
+    if n_sms > MAX_SMS:
+        raise ValueError(f"n_sms={n_sms}: at most {MAX_SMS} chunks (one per SM) are supported")
+
 
 class Planner:
     def __init__(self, redundant_to_original: torch.Tensor, n_routed_experts: int, n_logical_routed_experts: int,
@@ -117,6 +127,7 @@ class Planner:
                          contiguous=False)
             if workload.numel() != n_log:
                 raise ValueError(f"workload: expected {n_log} entries (one per logical expert), got {workload.numel()}")
+            eplb.check_loads("workload", workload.reshape(-1))
             if gpus_per_node is None:
                 gpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 8
             check_positive_int("gpus_per_node", gpus_per_node)
@@ -173,7 +184,7 @@ class Planner:
         Returns (counts [n_logical] int32, by_sm [n_sms, n_logical] int32), by_sm being the inclusive
         prefix over the chunks (so counts is its last row), as weighted_select_target expects."""
         self._check_idx(idx)
-        check_positive_int("n_sms", n_sms)
+        _check_n_sms(n_sms)
         if idx.is_cuda:
             by_sm = map_kernel.count_cuda(idx, self.n_logical_routed_experts, n_sms)
         else:
@@ -184,7 +195,8 @@ class Planner:
         """Solve every group's LP from per-logical-expert token counts.
 
         Args:
-            workload: int32 (or int64) tensor with n_logical entries; all-reduced over `group` if one was given.
+            workload: int32 (or int64) tensor with n_logical entries, each in [0, 2^31) (checked with
+                EPKERN_CHECK_VALUES=1, one host sync on CUDA); all-reduced over `group` if one was given.
             avail_counter: int32 tensor with one element; incremented by the number of groups solved to
                 optimality. A group that fails keeps its previous plan (0.5 at first).
         Returns:
@@ -202,12 +214,16 @@ class Planner:
             raise ValueError(f"avail_counter: expected one element, got shape {tuple(avail_counter.shape)}")
         self._check_device("workload", workload)
         self._check_device("avail_counter", avail_counter)
-        workload = workload.reshape(-1).to(torch.int32).contiguous()
+        # token counts: >= 0 and within int32 (the solver's type); an int64 count beyond it would wrap
+        check_range("workload", workload, 0, 1 << 31)
         if self.ep_group is not None:
             import torch.distributed as dist
 
-            workload = workload.clone()
+            # reduced in int64 so that a sum beyond int32 is an error, not a wrapped count
+            workload = workload.reshape(-1).to(torch.int64, copy=True)
             dist.all_reduce(workload, group=self.ep_group)
+            check_range("workload (all-reduced over group)", workload, 0, 1 << 31)
+        workload = workload.reshape(-1).to(torch.int32).contiguous()
         if workload.is_cuda:
             return self._solve_cuda(workload, avail_counter)
         return self._solve_cpu(workload, avail_counter)
@@ -247,7 +263,7 @@ class Planner:
 
         local_workload_by_sm: the by_sm of count_workload(idx, n_sms). Returns int64, idx's shape."""
         self._check_idx(idx)
-        check_positive_int("n_sms", n_sms)
+        _check_n_sms(n_sms)
         shape = (self.n_group, self.group_size, self.num_redundants)
         check_tensor("o_weight", o_weight, dtype=torch.float32, ndim=3, shape=shape)
         check_tensor("local_workload_by_sm", local_workload_by_sm, dtype=torch.int32, ndim=2,

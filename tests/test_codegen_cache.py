@@ -2,6 +2,9 @@
 import hashlib
 import multiprocessing
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +216,129 @@ def test_clear_removes_every_entry(isolated_cache):
     assert cache.list_entries() == []
     assert cache.clear() == 0
     assert os.path.isdir(isolated_cache) or not cache.list_entries()
+
+
+# -- shared and unusable caches (issue 18 items 4 and 9) ---------------------------------------------
+OTHER = LayoutSpec(num_experts=16, num_ranks=2, num_topk=3)
+
+
+def test_another_kernels_entry_at_the_path_is_never_loaded(isolated_cache, monkeypatch, caplog):
+    mine, other = jit.build(SPEC, ARCH), jit.build(OTHER, ARCH)
+    mine.path.write_bytes(other.path.read_bytes())  # a valid entry, of another kernel
+    monkeypatch.setenv("EPKERN_JIT", "0")
+    with pytest.raises(MissingKernelError):
+        jit.build(SPEC, ARCH)
+    assert mine.path.read_bytes() == other.path.read_bytes(), "offline mode must not delete or rewrite"
+    assert "holds kernel" in caplog.text and OTHER.name in caplog.text
+    monkeypatch.setenv("EPKERN_JIT", "1")
+    rebuilt = jit.build(SPEC, ARCH)
+    assert rebuilt.fresh and rebuilt.cubin == mine.cubin and rebuilt.meta["name"] == SPEC.name
+    assert cache.load(mine.path, key=mine.meta["key"], name=SPEC.name).cubin == mine.cubin
+
+
+def _unreadable(monkeypatch, target):
+    real = type(target).read_bytes
+
+    def read_bytes(self):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+    monkeypatch.setattr(type(target), "read_bytes", read_bytes)
+
+
+def test_unreadable_entry_is_kept_and_reported(isolated_cache, monkeypatch, caplog):
+    built = jit.build(SPEC, ARCH)
+    _unreadable(monkeypatch, built.path)
+    monkeypatch.setenv("EPKERN_JIT", "0")
+    with pytest.raises(cache.CacheUnreadable, match=r"cannot read .*the entry is kept.*EPKERN_CACHE_DIR"):
+        jit.build(SPEC, ARCH)
+    assert built.path.exists()
+    monkeypatch.setenv("EPKERN_JIT", "1")
+    monkeypatch.setattr(cache, "_fallback", None)
+    again = jit.build(SPEC, ARCH)  # compiles into a private temporary cache, one warning
+    assert again.fresh and not again.path.is_relative_to(isolated_cache) and again.cubin == built.cubin
+    assert built.path.exists() and caplog.text.count("temporary cache") == 1
+    assert not jit.build(SPEC, ARCH).fresh and caplog.text.count("temporary cache") == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files of mode 0")
+def test_unreadable_entry_of_mode_0_is_not_deleted(isolated_cache, monkeypatch):
+    built = jit.build(SPEC, ARCH)
+    built.path.chmod(0)
+    monkeypatch.setenv("EPKERN_JIT", "0")
+    with pytest.raises(cache.CacheUnreadable):
+        jit.build(SPEC, ARCH)
+    assert built.path.exists()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_entries_and_locks_follow_the_umask(isolated_cache, umask, mode):
+    old = os.umask(umask)
+    try:
+        built = jit.build(SPEC, ARCH)
+    finally:
+        os.umask(old)
+    assert built.path.stat().st_mode & 0o777 == mode
+    assert os.stat(str(built.path) + ".lock").st_mode & 0o777 == mode
+
+
+def test_lock_wait_names_the_holder_and_ends(isolated_cache, monkeypatch):
+    path = cache.entry_path(SPEC.symbol, _key(), compiler.nvrtc_version())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from epkern.codegen import cache\n"
+         "with cache.lock_for(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("EPKERN_LOCK_TIMEOUT_S", "0.3")
+        with pytest.raises(cache.CacheLockTimeout, match=rf"held by pid {holder.pid} on host .* since .*EPKERN_LOCK_TIMEOUT_S"):
+            jit.build(SPEC, ARCH)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert jit.build(SPEC, ARCH).fresh  # the lock freed with its holder
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-1", "0", "1e30", "soon"])
+def test_bad_lock_timeout_is_rejected(monkeypatch, raw):
+    monkeypatch.setenv("EPKERN_LOCK_TIMEOUT_S", raw)
+    with pytest.raises(ValueError, match="EPKERN_LOCK_TIMEOUT_S"):
+        cache.lock_for(Path("/nonexistent/x"))
+
+
+def test_cache_dir_that_is_a_file(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("EPKERN_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(cache, "_fallback", None)
+    with pytest.raises(cache.CacheUnwritable, match=rf"{blocker} is a file.*EPKERN_CACHE_DIR={blocker}"):
+        cache.prepare_dir(cache.entry_path(SPEC.symbol, _key(), "1.0").parent)
+    entry = jit.build(SPEC, ARCH)  # JIT on: falls back to a temporary cache with one warning
+    assert entry.path.is_relative_to(cache.fallback_root("")) and entry.cubin.startswith(b"\x7fELF")
+    assert caplog.text.count(f"EPKERN_CACHE_DIR={blocker}") == 1
+    monkeypatch.setenv("EPKERN_JIT", "0")
+    with pytest.raises(cache.CacheUnwritable, match=r"is a file, not a directory.*EPKERN_CACHE_DIR"):
+        jit.build(SPEC, ARCH)
+
+
+def test_unwritable_home_names_the_knob(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.delenv("EPKERN_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "file" / "home"))
+    monkeypatch.setattr(cache, "_fallback", None)
+    with pytest.raises(cache.CacheUnwritable, match=r"EPKERN_CACHE_DIR is unset.*set EPKERN_CACHE_DIR to a directory"):
+        cache.store(cache.entry_path(SPEC.symbol, _key(), "1.0"), b"x", {})
+    assert jit.build(SPEC, ARCH).cubin.startswith(b"\x7fELF")
+    assert "EPKERN_CACHE_DIR is unset" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only directories")
+def test_read_only_cache_dir_falls_back(isolated_cache, monkeypatch, caplog):
+    isolated_cache.mkdir(parents=True)
+    isolated_cache.chmod(0o555)
+    monkeypatch.setattr(cache, "_fallback", None)
+    try:
+        assert jit.build(SPEC, ARCH).fresh
+    finally:
+        isolated_cache.chmod(0o755)
+    assert "not writable" in caplog.text or "cannot create" in caplog.text

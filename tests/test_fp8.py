@@ -68,11 +68,13 @@ def oracle_cast(x: torch.Tensor, group_size: int, round_scale: bool):
         for g in range(hidden // group_size):
             group = xs[t, g * group_size:(g + 1) * group_size]
             finite = [abs(v) for v in group if not math.isnan(v)]
-            scale = oracle_scale(max(finite, default=0.0), round_scale)
-            inv = f32(1.0 / scale)
+            amax = max(finite, default=0.0)
+            scale = oracle_scale(amax, round_scale)
+            # DeepEP's payload rule: times 448 / amax (for a power-of-two scale: its exact inverse)
+            mult = f32(1.0 / scale) if round_scale else f32(448.0 / max(amax, f32(1e-4)))
             scales[t, g] = scale
             for i, v in enumerate(group):
-                codes[t, g * group_size + i] = oracle_e4m3(f32(v * inv))
+                codes[t, g * group_size + i] = oracle_e4m3(f32(v * mult))
     return codes, scales
 
 
@@ -108,6 +110,34 @@ def tricky_rows(hidden: int = 512) -> torch.Tensor:
     flat = torch.cat(rows)
     pad = (-flat.numel()) % hidden
     return torch.cat([flat, torch.randn(pad, generator=gen)]).reshape(-1, hidden)
+
+
+# (amax, x) fp32 bit patterns where DeepEP's fp32(x * fp32(448 / amax)) is exactly an e4m3 midpoint
+# (25, 232, 58: ties to the even codes 24, 224, 56) while fp32(x * fp32(1 / fp32(amax / 448))), the
+# old rule, lands one fp32 ulp above it (26, 240, 60); the last two are bf16 inputs (products 84, 21).
+BOUNDARY_CASES = [(0x41061746, 0x3EEF72B4, 24.0), (0x410E804B, 0x3EFE7761, 24.0),
+                  (0x3FE1BFB2, 0x3F69CFAF, 224.0), (0x40A7BAF1, 0x402DB87A, 224.0),
+                  (0x3FECCBFF, 0x3E7540FF, 56.0), (0x40896320, 0x3F0E4B3D, 56.0),
+                  (0x418A0000, 0x404F0000, 80.0), (0x3F800000, 0x3D400000, 20.0)]
+
+
+def boundary_rows() -> torch.Tensor:
+    """fp32 [len(BOUNDARY_CASES), 256]: per row, group 0 = (amax, x, -x, zeros), group 1 its negation."""
+    rows = torch.zeros(len(BOUNDARY_CASES), 256)
+    for r, (amax_bits, x_bits, _) in enumerate(BOUNDARY_CASES):
+        amax, x = (float(np.array([b], dtype=np.uint32).view(np.float32)[0]) for b in (amax_bits, x_bits))
+        rows[r, :3] = torch.tensor([amax, x, -x])
+        rows[r, 128:131] = -rows[r, :3]
+    return rows
+
+
+def deepep_codes(x: np.ndarray, group_size: int) -> np.ndarray:
+    """DeepEP's non-rounded cast in numpy fp32 arithmetic (each op correctly rounded fp32)."""
+    xf = x.astype(np.float32).reshape(x.shape[0], -1, group_size)
+    amax = np.maximum(np.nanmax(np.abs(xf), axis=-1), np.float32(1e-4)).astype(np.float32)
+    mult = (np.float32(448.0) / amax).astype(np.float32)
+    prod = (xf * mult[..., None]).astype(np.float32)
+    return fp8.e4m3_bits(torch.from_numpy(prod.reshape(x.shape))).numpy()
 
 
 def random_rows(num_tokens: int, hidden: int, dtype, seed: int) -> torch.Tensor:
@@ -152,6 +182,51 @@ def test_reference_matches_oracle_on_random_rows(dtype, group_size):
         codes, scales = oracle_cast(x, group_size, round_scale)
         assert torch.equal(scale.double(), torch.from_numpy(scales))
         assert np.array_equal(q.numpy(), codes)
+
+
+def test_payload_follows_deepep_at_rounding_boundaries():
+    """x * 448 / amax on an e4m3 midpoint ties to the even code, as DeepEP's cast does (issue 18)."""
+    x = boundary_rows()
+    q, scale = fp8.quantize_reference(x, 128, False)
+    values = q.view(torch.float8_e4m3fn).float()
+    for r, (_, _, want) in enumerate(BOUNDARY_CASES):
+        assert values[r, :3].tolist() == [448.0, want, -want], f"case {r}"
+        assert values[r, 128:131].tolist() == [-448.0, -want, want], f"case {r}"
+    assert np.array_equal(q.numpy(), deepep_codes(x.numpy(), 128))
+    # the scales stay amax / 448, correctly rounded
+    amax = x[:, 0].double()
+    assert torch.equal(scale[:, 0], (amax / 448).float()) and torch.equal(scale[:, 1], scale[:, 0])
+    # bf16 rows of the same kind go through the same rule
+    bf = x[-2:].to(torch.bfloat16)
+    assert torch.equal(bf.float(), x[-2:])
+    assert torch.equal(fp8.quantize_reference(bf, 128, False)[0], q[-2:])
+
+
+def test_payload_matches_deepep_on_every_bf16_pair():
+    """Every bf16 amax in [1, 4) against every bf16 x in [2^-8, amax]: 51 of them sit on a midpoint."""
+    amaxes = torch.arange(0x3F80, 0x4080, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    xs = torch.arange(0x3B80, 0x4080, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    groups = []
+    for a in amaxes.tolist():
+        below = xs[xs <= a]
+        below = torch.cat([below, torch.zeros((-len(below)) % 127)]).reshape(-1, 127)
+        groups.append(torch.cat([torch.full((len(below), 1), a), below], dim=1))
+    x = torch.cat(groups).reshape(-1, 128).to(torch.bfloat16)
+    q, _ = fp8.quantize_reference(x, 128, False)
+    assert np.array_equal(q.numpy(), deepep_codes(x.float().numpy(), 128))
+
+
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_power_of_two_scales_agree_with_deepep_exponent(round_scale):
+    """DeepEP rounds fp32(amax * fp32(1 / 448)) up to a power of two; ours rounds fp32(amax / 448):
+    the exponents agree for every amax of a binade (and so do the payloads, times 2^-e)."""
+    bits = np.arange(1 << 23, dtype=np.uint32)[::7] | np.uint32(130 << 23)
+    amax = bits.view(np.float32)
+    x = torch.from_numpy(np.stack([amax] * 128, axis=1)[:, :128].copy())
+    _, scale = fp8.quantize_reference(x, 128, True)
+    theirs = (amax * np.float32(1 / 448.0)).astype(np.float32).view(np.uint32)
+    exp = (theirs >> 23).astype(np.int64) + ((theirs & 0x7FFFFF) != 0)
+    assert np.array_equal((scale[:, 0].numpy().view(np.uint32) >> 23).astype(np.int64), exp)
 
 
 def test_nan_is_skipped_by_amax_and_becomes_e4m3_nan():
@@ -387,6 +462,17 @@ def test_gpu_tricky_values_nan_and_inf(round_scale):
     assert_same_cast(x.cuda(), 128, round_scale, False, "row")
     assert_same_cast(x.cuda(), 128, round_scale, round_scale, "col")
     assert_same_cast(x.cuda().to(torch.bfloat16), 128, round_scale, False, "row")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_payload_follows_deepep_at_rounding_boundaries(dtype):
+    x = boundary_rows() if dtype == torch.float32 else boundary_rows()[-2:].to(dtype)
+    for layout in ("row", "col"):
+        q, _ = per_token_cast_to_fp8(x.cuda(), 128, False, False, layout)
+        assert np.array_equal(bits(q).cpu().numpy(), deepep_codes(x.float().numpy(), 128))
+        assert_same_cast(x.cuda(), 128, False, False, layout)
+        assert_same_cast(x.cuda(), 128, True, True, layout)
 
 
 @pytest.mark.gpu

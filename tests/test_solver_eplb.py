@@ -83,7 +83,7 @@ def test_eplb_errors_are_clear():
         rebalance_experts(w, 16, 5, 1, 4)
     with pytest.raises(ValueError, match=r"weight: expected \[layers, num_logical_experts\]"):
         rebalance_experts(torch.ones(16), 16, 4, 1, 4)
-    with pytest.raises(ValueError, match=r"weight: loads must be >= 0"):
+    with pytest.raises(ValueError, match=r"weight: loads must be finite and >= 0"):
         rebalance_experts(-w, 16, 4, 1, 4)
     with pytest.raises(ValueError, match=r"num_gpus=0: expected a positive int"):
         rebalance_experts(w, 16, 4, 1, 0)
@@ -98,3 +98,29 @@ def test_gpu_placement_equals_cpu(cfg):
     gpu = rebalance_experts(weight.cuda(), num_rep, groups, nodes, gpus)
     for a, b in zip(cpu, gpu):
         assert b.is_cuda and torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_non_finite_or_negative_loads_are_rejected(bad):
+    """inf gave a placement that is not a permutation, NaN gave one expert every replica (issue 18)."""
+    weight = loads(2, 16, seed=3)
+    weight[1, 5] = bad
+    with pytest.raises(ValueError, match=r"weight: loads must be finite and >= 0; entry \(1, 5\)"):
+        rebalance_experts(weight, 32, 4, 2, 8)
+    with pytest.raises(ValueError, match="finite"):
+        rebalance_experts(weight.half(), 32, 4, 2, 8)
+
+
+def test_empty_inputs_work_or_raise_clearly():
+    phy2log, log2phy, logcnt = rebalance_experts(torch.empty(0, 16), 32, 4, 2, 8)
+    assert phy2log.shape == (0, 32) and log2phy.shape == (0, 16, 1) and logcnt.shape == (0, 16)
+    with pytest.raises(ValueError, match="at least one logical expert"):
+        rebalance_experts(torch.empty(2, 0), 8, 1, 1, 8)
+    # integer loads, zeros included, are fine
+    phy2log, _, logcnt = rebalance_experts(torch.zeros(1, 16, dtype=torch.int64), 32, 4, 2, 8)
+    assert torch.equal(torch.bincount(phy2log[0], minlength=16), logcnt[0])
+
+
+def test_a_million_replicas_is_rejected_at_once():
+    with pytest.raises(ValueError, match=r"num_replicas=1048576: at most 16384"):
+        rebalance_experts(loads(1, 256, seed=1), 1 << 20, 8, 1, 8)

@@ -150,6 +150,45 @@ def test_planner_errors_are_clear():
         planner.update_redundancy_mapping(torch.ones(10))
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -3.0])
+def test_redundancy_mapping_rejects_non_finite_or_negative_history(bad):
+    """An inf history indexed uninitialized memory, NaN gave one expert every slot (issue 18)."""
+    planner = make_planner("cube_ep32_reorder")
+    history = torch.ones(256, dtype=torch.float64)
+    history[7] = bad
+    with pytest.raises(ValueError, match=r"workload: loads must be finite and >= 0; entry \(7,\)"):
+        planner.update_redundancy_mapping(history)
+    planner.update_redundancy_mapping(torch.zeros(256))  # zeros are a valid history
+    with pytest.raises(ValueError, match="expected 256 entries"):
+        planner.update_redundancy_mapping(torch.empty(0))
+
+
+def test_solve_probs_rejects_negative_and_wrapping_counts():
+    """Negative counts were solved ("optimal"); int64 counts beyond int32 wrapped to 0 (issue 18)."""
+    planner = make_planner("cube_ep32_reorder")
+    counter = torch.zeros(1, dtype=torch.int32)
+    workload = torch.full((256,), 10, dtype=torch.int32)
+    workload[3] = -1
+    with pytest.raises(ValueError, match=r"workload: value -1 out of range"):
+        planner.solve_probs(workload, counter)
+    big = torch.full((256,), 10, dtype=torch.int64)
+    big[9] = 1 << 32
+    with pytest.raises(ValueError, match=r"workload: value 4294967296 out of range; allowed values are in \[0, 2147483648\)"):
+        planner.solve_probs(big, counter)
+    assert int(counter) == 0
+    planner.solve_probs(torch.full((256,), (1 << 31) - 1, dtype=torch.int64), counter)  # the largest count is fine
+
+
+def test_absurd_n_sms_is_rejected_before_allocating():
+    planner = make_planner("cube_ep32_reorder")
+    idx = torch.zeros(4, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"n_sms=100000000: at most 1024"):
+        planner.count_workload(idx, 10**8)
+    _, by_sm = planner.count_workload(idx, 1024)
+    with pytest.raises(ValueError, match=r"n_sms=100000000"):
+        planner.weighted_select_target(idx, torch.full((4, 8, 2), 0.5), by_sm, 10**8)
+
+
 def test_zero_workload_is_solved_trivially():
     planner = make_planner("cube_ep32_reorder")
     counter = torch.zeros(1, dtype=torch.int32)

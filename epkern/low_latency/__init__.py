@@ -4,6 +4,6 @@
 `epkern.Buffer(low_latency_mode=True)` delegates to.
 """
 from .buffer import LowLatencyBuffer, get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
-from .kernels import deployment_specs
+from .kernels import deployment_skips, deployment_specs
 
-__all__ = ["LowLatencyBuffer", "deployment_specs", "get_low_latency_rdma_size_hint", "max_dispatch_tokens_for_bytes"]
+__all__ = ["LowLatencyBuffer", "deployment_skips", "deployment_specs", "get_low_latency_rdma_size_hint", "max_dispatch_tokens_for_bytes"]

@@ -63,9 +63,7 @@ class LowLatencyBuffer:
         self.num_ranks = dist.get_world_size(group)
         self.num_bytes = int(num_bytes)
         self.num_sms = num_sms
-        timeout = knobs.peer_timeout_s() if timeout_s is None else float(timeout_s)
-        if not timeout > 0:
-            raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
+        timeout = knobs.peer_timeout_s() if timeout_s is None else knobs.check_timeout_s("timeout_s", timeout_s)
         self.timeout_ns = np.uint64(int(timeout * 1e9))
         self.peer = PeerBuffer(group, self.num_bytes)
         self.device = self.peer.device

@@ -19,6 +19,7 @@ KINDS = DISPATCH_KINDS + ("combine",)
 MAX_RANKS = 64
 MAX_TOPK = 32
 MAX_EXPERTS = 8192
+MAX_DISPATCH_TOKENS = 1 << 20  # per rank and call: size hints and buffers beyond it are a mistake (R*M slots fit int32)
 ALIGN = 128
 BARRIER_OFF, BARRIER_BYTES = 0, 256  # [R] int32 barrier counters at the start of the buffer (never cleaned)
 BARRIER_THREADS = 64  # one block; one thread per rank
@@ -204,8 +205,9 @@ def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int
     """Bytes of peer buffer per rank that low-latency dispatch/combine need for these shapes."""
     LowLatencySpec("combine", hidden, num_ranks, num_experts, 1)  # validates the shapes
     if isinstance(num_max_dispatch_tokens_per_rank, bool) or not isinstance(num_max_dispatch_tokens_per_rank, int) \
-            or num_max_dispatch_tokens_per_rank < 1:
-        raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank!r}: expected an int >= 1")
+            or not 1 <= num_max_dispatch_tokens_per_rank <= MAX_DISPATCH_TOKENS:
+        raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank!r}: expected an int "
+                         f"in [1, {MAX_DISPATCH_TOKENS}]")
     return BufferLayout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes
 
 
@@ -217,10 +219,19 @@ def max_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_expert
     fixed = BufferLayout(0, hidden, num_ranks, num_experts).total_bytes
     # per token and buffer: weights, a recv slot per rank, the send rows; alignment only adds
     per_token = 2 * (num_ranks * (4 * MAX_TOPK + slot_bytes(hidden)) + num_experts * 2 * hidden)
-    m = max(0, (num_bytes - fixed) // per_token)
+    m = min(MAX_DISPATCH_TOKENS, max(0, (num_bytes - fixed) // per_token))
     while m > 0 and BufferLayout(m, hidden, num_ranks, num_experts).total_bytes > num_bytes:
         m -= 1
     return m
+
+
+def deployment_skips(deployment) -> list[str]:
+    """Why deployment_specs builds no low-latency kernel for (part of) a deployment."""
+    if deployment.hidden % 128:
+        return [f"hidden {deployment.hidden} is not a multiple of 128: no low-latency kernels"]
+    if deployment.num_topk > MAX_TOPK:
+        return [f"top-{deployment.num_topk} > {MAX_TOPK}: no low-latency kernels"]
+    return [f"EP {r}: more than {MAX_RANKS} ranks" for r in deployment.ep_sizes if r > MAX_RANKS]
 
 
 def deployment_specs(deployment) -> list[KernelSpec]:

@@ -90,8 +90,14 @@ class PeerLayout:
         return (HEADER_BYTES - COUNTS_OFF) // 4
 
 
+MAX_HINT_SLOTS = 1 << 24  # token slots (tokens per rank x ranks) a size hint accepts: beyond any GPU's memory
+
+
 def required_bytes(num_slots: int, slot_bytes: int) -> int:
     """The smallest peer buffer holding num_slots slots of slot_bytes (with its flags)."""
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or not 0 <= num_slots <= MAX_HINT_SLOTS:
+        raise ValueError(f"{num_slots!r} token slots (num_max_tokens x num_ranks): expected an int in "
+                         f"[0, {MAX_HINT_SLOTS}]")
     rest = max(FLAG_FRACTION * (num_slots * 4 + 4096),
                -(-num_slots * slot_bytes * FLAG_FRACTION // (FLAG_FRACTION - 1)) + 2 * 4096)
     nbytes = HEADER_BYTES + _round_up(rest, 4096)
@@ -258,6 +264,15 @@ def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, r
             timeout_ns=timeout_ns, bias0=bias0, bias1=bias1, combined_x=combined_x,
             combined_weights=combined_weights, status=status_ptr),
         smem=spec.dynamic_smem, stream=stream)
+
+
+def deployment_skips(deployment) -> list[str]:
+    """Why deployment_specs builds less than every intranode kernel for every EP size."""
+    reasons = [f"EP {r}: more than {MAX_RANKS} ranks (intranode is one node)" for r in deployment.ep_sizes
+               if r > MAX_RANKS]
+    if deployment.hidden % 128 and any(r <= MAX_RANKS for r in deployment.ep_sizes):
+        reasons.append(f"hidden {deployment.hidden} is not a multiple of 128: no FP8 dispatch")
+    return reasons
 
 
 def deployment_specs(deployment) -> list[IntranodeSpec]:
