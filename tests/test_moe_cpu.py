@@ -1,0 +1,111 @@
+"""epkern.moe on CPU: the layer's math against a per-token reference, the router, and (2 processes,
+gloo, the torch backend) the distributed layer against the single-process one, overlapped against
+serial (bit for bit), and with the LPLB planner against without it."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from epkern.fp8 import per_token_cast_back, per_token_cast_to_fp8
+from epkern.moe import MoE, route
+
+H, I, E, K, SHARED = 256, 64, 8, 3, 128
+
+
+def _x(seed: int, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, H, generator=g).to(torch.bfloat16)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    # a few bf16 roundings apart (partial sums rounded per rank, then once more)
+    err = (a.float() - b.float()).abs()
+    bound = 2 ** -6 * b.float().abs() + 2 ** -6 * b.float().abs().mean()
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.4g} (bound {bound.max().item():.4g})"
+
+
+def _per_token_reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Loops over tokens and their experts with F.linear: the same math as the grouped GEMMs."""
+    idx, w = layer.route(x)
+    xq = per_token_cast_back(*per_token_cast_to_fp8(x))
+    out = torch.zeros(x.shape[0], H)
+    for t in range(x.shape[0]):
+        for k in range(K):
+            e = int(idx[t, k])
+            h = F.linear(xq[t:t + 1], layer.w13[e])
+            act = (F.silu(h[:, :I].float()) * h[:, I:].float() * w[t, k]).to(torch.bfloat16)
+            out[t] += F.linear(act, layer.w2[e]).float()[0]
+        if layer.shared_w13 is not None:
+            h = F.linear(x[t:t + 1], layer.shared_w13)
+            act = (F.silu(h[:, :SHARED].float()) * h[:, SHARED:].float()).to(torch.bfloat16)
+            out[t] += F.linear(act, layer.shared_w2).float()[0]
+    return out.to(torch.bfloat16)
+
+
+def test_local_layer_matches_per_token_reference():
+    layer = MoE(H, I, E, K, shared_intermediate=SHARED, seed=3)
+    x = _x(1, 37)
+    _close(layer(x), _per_token_reference(layer, x), "single-process layer")
+
+
+def test_router_group_limited():
+    # 2 tokens, 8 experts in 4 groups of 2; bias only picks, the weights are the unbiased scores
+    gate = torch.eye(8, 4)
+    x = torch.tensor([[3.0, 0.0, 0.0, 2.0], [0.0, 1.0, 0.0, 0.0]])
+    bias = torch.tensor([0, 0, 0, 0, 0, 0, 0.0, 5.0])
+    idx, w = route(x, gate, 2, score_func="sigmoid", n_group=4, topk_group=2, e_score_correction_bias=bias,
+                   routed_scaling_factor=2.0)
+    s = torch.sigmoid(x @ gate.t())
+    assert idx[0].tolist() == [7, 0]   # group 3 (bias) and group 0 (expert 0); expert 3 is cut with group 1
+    assert torch.allclose(w[0], 2.0 * s[0, [7, 0]] / s[0, [7, 0]].sum())
+    idx, w = route(x, gate, 2, score_func="softmax")
+    assert idx[1, 0].item() == 1 and torch.allclose(w.sum(-1), torch.ones(2))
+    with pytest.raises(ValueError, match="n_group"):
+        MoE(H, I, E, K, n_group=3)
+    with pytest.raises(ValueError, match="score_func"):
+        MoE(H, I, E, K, score_func="relu")
+
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from epkern import Buffer
+        from epkern.solver import Planner, ring
+
+        buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, backend="torch")
+        opts = dict(shared_intermediate=SHARED, seed=5, score_func="sigmoid", n_group=4, topk_group=2,
+                    correction_bias=True, routed_scaling_factor=1.5)
+        reference = MoE(H, I, E, K, **opts)
+        x = _x(100 + rank, 45 + 6 * rank)   # ranks hold different token counts
+        want = reference(x)
+        for mode in ("prefill", "decode"):   # decode: the normal-mode torch backend (no low-latency on CPU)
+            for n in (1, 2, 3):
+                layer = MoE(H, I, E, K, buffer=buffer, mode=mode, num_microbatches=n, **opts)
+                assert layer.local_experts == list(range(4 * rank, 4 * rank + 4))
+                layer.overlap = True
+                overlapped = layer(x)
+                layer.overlap = False
+                serial = layer(x)
+                assert torch.equal(overlapped, serial), f"{mode} x{n}: overlapped != serial"
+                _close(overlapped, want, f"{mode} x{n} vs single process")
+        # LPLB: one redundant slot per rank (ring of 2), each a copy of a logical expert of the other rank
+        planner = Planner(ring(2), 10, E, group=dist.group.WORLD)
+        layer = MoE(H, I, E, K, buffer=buffer, planner=planner, **opts)
+        assert layer.w13.shape[0] == 5 and layer.local_experts[:4] == planner.phy2log[5 * rank:5 * rank + 4].tolist()
+        idx, _ = layer.route(x)
+        copies = torch.tensor([4, 9])
+        assert bool(torch.isin(idx, copies).any()), "the planner sent nothing to the redundant copies"
+        _close(layer(x), want, "with the planner")
+        buffer.destroy()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_layer_gloo_two_ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
