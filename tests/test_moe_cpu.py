@@ -109,3 +109,26 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 def test_distributed_layer_gloo_two_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+
+
+def test_low_latency_layout_experts_match_per_expert_mlp():
+    """The device-side compaction of [L, R*M, H] rows (searchsorted over the counts) feeds each expert
+    exactly its valid rows: run on CPU with FP8 rows and against a plain per-expert MLP."""
+    from epkern.moe import experts_low_latency
+
+    layer = MoE(H, I, 4, 2, seed=9)
+    L, RM = 4, 10
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(L * RM, H, generator=g).to(torch.bfloat16)
+    q, s = per_token_cast_to_fp8(x)
+    recv = (q.view(L, RM, H), s.view(L, RM, -1).transpose(1, 2).contiguous().transpose(1, 2))  # column-major scales
+    for counts in ([3, 0, 10, 1], [0, 0, 0, 0], [10, 10, 0, 0]):
+        count = torch.tensor(counts, dtype=torch.int32)
+        out = experts_low_latency(recv, count, 2, layer.w13, layer.w2)
+        assert out.shape == (L, RM, H)
+        xb = per_token_cast_back(q, s).view(L, RM, H)
+        for e, n in enumerate(counts):
+            if n:
+                h = F.linear(xb[e, :n], layer.w13[e])
+                act = (F.silu(h[:, :I].float()) * h[:, I:].float()).to(torch.bfloat16)
+                assert torch.equal(out[e, :n], F.linear(act, layer.w2[e])), f"counts {counts}, expert {e}"
