@@ -41,6 +41,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                     device="cuda")
         reference = MoE(H, I, E, K, **opts)
         layers = {mode: MoE(H, I, E, K, buffer=buffer, mode=mode, **opts) for mode in ("prefill", "decode")}
+        layers["decode, sends on a side stream"] = MoE(H, I, E, K, buffer=buffer, mode="decode",
+                                                       decode_send_stream=True, **opts)
         assert layers["decode"].decode_path == "low_latency"
         print(f"rank {rank}: grouped GEMM fast path {fast_grouped_mm(torch.device('cuda'))}, "
               f"weights-carried dispatch {layers['decode']._ll_weights}", flush=True)
@@ -58,27 +60,28 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                 print(f"rank {rank}: {mode} seed {seed} passed", flush=True)
 
         # decode: the whole overlapped step in one CUDA graph, replayed on new inputs
-        layer = layers["decode"]
-        layer.overlap = True
-        static_x = _x(rank, 3).clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):   # warm-up (every kernel compiled) on a side stream, as capture wants
-                layer(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        for seed in (4, 5):
-            x = _x(rank, seed)
-            static_x.copy_(x)
-            graph.replay()
-            eager = layer(x)
-            torch.cuda.synchronize()
-            assert torch.equal(static_y, eager), f"graph replay seed {seed} != eager"
-            _close(eager, reference(x), f"graph replay seed {seed} vs single process")
-        print(f"rank {rank}: decode graph replay passed", flush=True)
+        for name in ("decode", "decode, sends on a side stream"):
+            layer = layers[name]
+            layer.overlap = True
+            static_x = _x(rank, 3).clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):   # warm-up (every kernel compiled) on a side stream, as capture wants
+                    layer(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = layer(static_x)
+            for seed in (4, 5):
+                x = _x(rank, seed)
+                static_x.copy_(x)
+                graph.replay()
+                eager = layer(x)
+                torch.cuda.synchronize()
+                assert torch.equal(static_y, eager), f"{name}: graph replay seed {seed} != eager"
+                _close(eager, reference(x), f"{name}: graph replay seed {seed} vs single process")
+            print(f"rank {rank}: {name} graph replay passed", flush=True)
 
         # LPLB planner (no all-reduce: a gloo group cannot reduce CUDA tensors in order with the kernels)
         planner = Planner(ring(2), 20, E, ep_size=world, device="cuda")

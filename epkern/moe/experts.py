@@ -109,8 +109,8 @@ def experts_low_latency(recv_x, recv_count: torch.Tensor, num_topk: int, w13: to
     valid = expert < L
     e = expert.clamp(max=L - 1)
     i = torch.where(valid, j - (ends[e] - recv_count[e].to(torch.int64)), 0)
-    if isinstance(recv_x, tuple):
-        x = per_token_cast_back(recv_x[0][e, i], recv_x[1][e, i].contiguous())
+    if isinstance(recv_x, tuple):  # gather the FP8 rows as bytes (indexing needs no FP8 kernels)
+        x = per_token_cast_back(recv_x[0].view(torch.uint8)[e, i], recv_x[1][e, i].contiguous())
     else:
         x = data[e, i]
     y = mlp(x, w13, w2, ends.to(torch.int32), None)

@@ -15,7 +15,11 @@ generator of stages (epkern.hooks), overlapped (round-robin) or one after the ot
   -> yield the receive hook -> experts -> low_latency_combine(return_recv_hook) -> yield its hook
   -> add the shared expert. One stream, no host sync: the whole step captures into a CUDA graph
   (without a planner that all-reduces over a non-NCCL group). The Buffer alternates two
-  low-latency buffers, so at most 2 micro-batches. Where the Buffer has no low-latency half (CPU:
+  low-latency buffers, so at most 2 micro-batches. NVLink sends are stores made by the send
+  kernel's SMs, so on one stream they do not overlap with computation (only the wait for the
+  peers does); decode_send_stream=True issues each send on a side stream, beside the other
+  micro-batch's computation, and the receive waits for it (still one graph: fork/join by events).
+  Where the Buffer has no low-latency half (CPU:
   low-latency mode needs CUDA peer memory) decode runs the prefill stages on the normal-mode
   backend (the torch backend under gloo): `layer.decode_path` says which.
 * buffer=None: every expert local, no communication: the single-process reference.
@@ -41,6 +45,15 @@ from .routing import check_routing, route
 MODES = ("prefill", "decode")
 
 
+def _tensors(obj):
+    """Every tensor inside nested tuples/lists."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -55,7 +68,8 @@ class MoE(nn.Module):
                  score_func: str = "softmax", n_group: int = 1, topk_group: int = 1,
                  routed_scaling_factor: float = 1.0, correction_bias: bool = False, norm_topk_prob: bool = True,
                  shared_intermediate: int = 0, planner=None, use_fp8: bool = True,
-                 num_max_dispatch_tokens_per_rank: int = 128, seed: int = 0, device=None):
+                 num_max_dispatch_tokens_per_rank: int = 128, decode_send_stream: bool = False, seed: int = 0,
+                 device=None):
         super().__init__()
         for name, v in (("hidden", hidden), ("intermediate", intermediate),
                         ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)):
@@ -70,8 +84,11 @@ class MoE(nn.Module):
         self.buffer, self.planner, self.use_fp8 = buffer, planner, use_fp8
         self.mode, self.overlap, self.num_microbatches = mode, overlap, num_microbatches
         self.max_tokens = num_max_dispatch_tokens_per_rank
+        self.decode_send_stream, self._send_stream = decode_send_stream, None
         self.rank, self.ep_size = (buffer.rank, buffer.group_size) if buffer is not None else (0, 1)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._check_planner()
         self.num_physical = planner.n_routed_experts if planner is not None else num_experts
         if self.num_physical % self.ep_size:
@@ -168,17 +185,47 @@ class MoE(nn.Module):
         yield hooks.Pending(event, "combine")
         return out
 
+    def _send(self, fn, inputs: tuple):
+        """fn() -> (..., hook) issued on the compute stream, or with decode_send_stream on the send
+        stream (after the compute stream's work so far, running beside the other micro-batch's
+        computation); returns fn's result with the hook wrapped so the receive, on the compute
+        stream, first waits for the send."""
+        if not self.decode_send_stream:
+            *result, hook = fn()
+            return result, hooks.once(hook)
+        compute = torch.cuda.current_stream()
+        if self._send_stream is None:
+            self._send_stream = torch.cuda.Stream(device=self.device)
+        side = self._send_stream
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            *result, hook = fn()
+        sent = torch.cuda.Event()
+        sent.record(side)
+        for t in _tensors(inputs):      # made on the compute stream, read on the send stream
+            t.record_stream(side)
+        for t in _tensors(result):      # made on the send stream, used on the compute stream
+            t.record_stream(compute)
+
+        def receive():
+            torch.cuda.current_stream().wait_event(sent)
+            hook()
+
+        return result, hooks.once(receive)
+
     def _stage_low_latency(self, x):
         buf = self.buffer
         idx, w = self.route(x)
         extra = {"topk_weights": w} if self._ll_weights else {}
-        recv, count, handle, _, hook = buf.low_latency_dispatch(
-            x, idx, self.max_tokens, self.num_physical, use_fp8=self.use_fp8, return_recv_hook=True, **extra)
+        (recv, count, handle, _), receive = self._send(lambda: buf.low_latency_dispatch(
+            x, idx, self.max_tokens, self.num_physical, use_fp8=self.use_fp8, return_recv_hook=True, **extra),
+            (x, idx, w))
         shared = self.shared_expert(x)  # while the tokens are in flight
-        yield hooks.Pending(hooks.once(hook), "dispatch")
+        yield hooks.Pending(receive, "dispatch")
         y = self.experts_low_latency(recv, count)
-        out, _, hook = buf.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
-        yield hooks.Pending(hooks.once(hook), "combine")
+        (out, _), receive = self._send(lambda: buf.low_latency_combine(y, idx, w, handle, return_recv_hook=True),
+                                       (y,))
+        yield hooks.Pending(receive, "combine")
         return out if shared is None else out + shared
 
     # -- forward -----------------------------------------------------------------------------------------
