@@ -132,3 +132,85 @@ def test_low_latency_layout_experts_match_per_expert_mlp():
                 h = F.linear(xb[e, :n], layer.w13[e])
                 act = (F.silu(h[:, :I].float()) * h[:, I:].float()).to(torch.bfloat16)
                 assert torch.equal(out[e, :n], F.linear(act, layer.w2[e])), f"counts {counts}, expert {e}"
+
+
+class _EmulatedLowLatency:
+    """DeepEP's low-latency API over gloo collectives, for the decode stages on CPU (epkern's own
+    low-latency mode needs CUDA peer memory). Same layouts: recv_x [L, R*M, H] ordered by source
+    rank then token, recv_count [L]; combine sums w * row per token. Sends gather at once, receives
+    fill the outputs when the hook runs; a hook called before its send's peers arrive cannot happen
+    here (gloo collectives block), so this checks the stages' plumbing, not timing."""
+
+    low_latency_mode = True
+
+    def __init__(self, group):
+        self.group, self.rank, self.group_size = group, dist.get_rank(group), dist.get_world_size(group)
+        self._low_latency = self
+
+    def _gather(self, t):
+        parts = [torch.empty_like(t) for _ in range(self.group_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True,
+                             return_recv_hook=False, topk_weights=None):
+        M, R, H = num_max_dispatch_tokens_per_rank, self.group_size, x.shape[1]
+        L = num_experts // R
+        pad = lambda t, v: torch.cat([t, t.new_full((M - t.shape[0],) + t.shape[1:], v)])  # noqa: E731
+        xs, idxs = self._gather(pad(x, 0)), self._gather(pad(topk_idx, -1))
+        recv = torch.zeros(L, R * M, H, dtype=torch.bfloat16)
+        count = torch.zeros(L, dtype=torch.int32)
+        rows = {}
+        for l in range(L):
+            for src in range(R):
+                for t in range(M):
+                    if bool((idxs[src][t] == self.rank * L + l).any()):
+                        n = int(count[l])
+                        recv[l, n], rows[(src, t, l)] = xs[src][t], n
+                        count[l] += 1
+        out = recv
+        if use_fp8:
+            q, s = per_token_cast_to_fp8(recv.view(-1, H))
+            out = (q.view(L, R * M, H), s.view(L, R * M, -1))
+        return out, count, (rows, M, L), None, lambda: None
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, return_recv_hook=False):
+        rows, M, L = handle
+        R, H = self.group_size, x.shape[2]
+        w_all = self._gather(torch.cat([topk_weights, topk_weights.new_zeros(M - topk_weights.shape[0], topk_weights.shape[1])]))
+        idx_all = self._gather(torch.cat([topk_idx, topk_idx.new_full((M - topk_idx.shape[0], topk_idx.shape[1]), -1)]))
+        partial = torch.zeros(R, M, H)
+        for (src, t, l), n in rows.items():
+            k = int((idx_all[src][t] == self.rank * L + l).nonzero()[0])
+            partial[src, t] += w_all[src][t, k] * x[l, n].float()
+        back = [torch.empty(M, H, dtype=torch.bfloat16) for _ in range(R)]
+        dist.all_to_all(back, list(partial.to(torch.bfloat16).unbind(0)), group=self.group)
+        combined = torch.stack(back).float().sum(0)[:topk_idx.shape[0]].to(torch.bfloat16)
+        return combined, None, lambda: None
+
+
+def _ll_worker(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        buffer = _EmulatedLowLatency(dist.group.WORLD)
+        opts = dict(shared_intermediate=SHARED, seed=11, num_max_dispatch_tokens_per_rank=12)
+        x = _x(200 + rank, 20 + 2 * rank)
+        layer = MoE(H, I, E, K, buffer=buffer, mode="decode", **opts)
+        assert layer.decode_path == "low_latency" and layer._ll_weights
+        overlapped = layer(x)
+        layer.overlap = False
+        assert torch.equal(overlapped, layer(x)), "decode: overlapped != serial"
+        _close(overlapped, MoE(H, I, E, K, **opts)(x), "decode stages vs single process")
+        with pytest.raises(ValueError, match="at most 2 micro-batches"):
+            MoE(H, I, E, K, buffer=buffer, mode="decode", num_microbatches=3, **opts)(x)
+        with pytest.raises(ValueError, match="exceed num_max_dispatch_tokens_per_rank"):
+            layer.num_microbatches = 1
+            layer(x)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_decode_stages_over_an_emulated_low_latency_buffer():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ll_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
