@@ -128,10 +128,11 @@ class MoE(nn.Module):
         bias = self._randn(base + 1, E, scale=0.05) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
         # expert e's weights depend on (seed, e) only: identical on every rank holding a copy
-        w13 = [self._randn(base + 16 + 2 * e, 2 * I, H, scale=H ** -0.5) for e in self.local_experts]
-        w2 = [self._randn(base + 17 + 2 * e, H, I, scale=I ** -0.5) for e in self.local_experts]
-        self.w13 = nn.Parameter(torch.stack(w13).to(torch.bfloat16), requires_grad=False)
-        self.w2 = nn.Parameter(torch.stack(w2).to(torch.bfloat16), requires_grad=False)
+        bf16 = torch.bfloat16
+        w13 = [self._randn(base + 16 + 2 * e, 2 * I, H, scale=H ** -0.5).to(bf16) for e in self.local_experts]
+        w2 = [self._randn(base + 17 + 2 * e, H, I, scale=I ** -0.5).to(bf16) for e in self.local_experts]
+        self.w13 = nn.Parameter(torch.stack(w13), requires_grad=False)   # [L, 2I, H], gate rows first
+        self.w2 = nn.Parameter(torch.stack(w2), requires_grad=False)     # [L, H, I]
         self.shared_w13 = self.shared_w2 = None
         if shared:
             self.shared_w13 = nn.Parameter(self._randn(base + 2, 2 * shared, H, scale=H ** -0.5).to(torch.bfloat16),
