@@ -154,8 +154,8 @@ def run(microbatches: Iterable[MicroBatch], *, overlap: bool = True, trace: list
     overlap=True: round-robin, each pending receive completed just before its micro-batch resumes
     (after every other micro-batch ran one stage). overlap=False: one micro-batch after the other,
     each receive completed at once (the same work in the same order per micro-batch, so the
-    results are bit-identical). If `trace` is a list, ("run", i, stage) / ("recv", i, stage)
-    events are appended to it.
+    results are bit-identical). If `trace` is a list, ("run", i) / ("hook", i) events are appended
+    to it ("hook": a pending receive of micro-batch i completed, hook or event).
     """
     slots = deque(_Slot(i, gen) for i, gen in enumerate(microbatches))
     for slot in slots:
