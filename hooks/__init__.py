@@ -1,4 +1,4 @@
-"""epkern.hooks: overlap communication of one micro-batch with computation of another."""
-from .scheduler import run_overlapped
+"""epkern.hooks: overlap communication of one micro-batch with computation of the others."""
+from .scheduler import MicroBatchError, Pending, once, run, run_overlapped, run_serial
 
-__all__ = ["run_overlapped"]
+__all__ = ["MicroBatchError", "Pending", "once", "run", "run_overlapped", "run_serial"]
