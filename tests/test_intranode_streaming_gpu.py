@@ -152,9 +152,19 @@ def _worker(rank, num_ranks, init_file, cases):
 
 
 def _spawn(num_ranks, cases):
+    """Run the cases on num_ranks processes; a hang (a wait that outlives every timeout) fails the
+    test after the cases' timeouts plus a compile allowance, and its processes are killed."""
     os.environ.setdefault("EPKERN_CHECK_VALUES", "1")
+    limit = 300 + sum(case[-1] for case in cases)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(num_ranks, os.path.join(tmp, "init"), cases), nprocs=num_ranks, join=True)
+        ctx = mp.spawn(_worker, args=(num_ranks, os.path.join(tmp, "init"), cases), nprocs=num_ranks, join=False)
+        deadline = time.monotonic() + limit
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                pytest.fail(f"EP{num_ranks} {[c[0] for c in cases]}: still running after {limit} s (a hang)")
 
 
 def test_idle_rank_ep2():
