@@ -75,9 +75,10 @@ class NvlinkBackend:
         if kind == ik.STATUS_TIMEOUT:
             raise PeerTimeoutError(f"{name} on rank {self.rank}: rank {peer} did not arrive within {self.timeout_s:g} s "
                                    "(it died, hangs, or issued different calls); this buffer is unusable, destroy it")
-        raise BufferOverflowError(f"{name} on rank {self.rank}: rows for rank {peer} do not fit its "
-                                  f"{self.layout.nbytes}-byte peer buffer; make num_nvl_bytes larger "
-                                  "(Config.get_nvl_buffer_size_hint)")
+        raise BufferOverflowError(f"{name} on rank {self.rank}: rows for rank {peer} do not fit its output or its "
+                                  f"{self.layout.nbytes}-byte peer buffer in the rounds planned: with "
+                                  "num_worst_tokens, it must be at least the rows any rank receives, and combine "
+                                  "after it takes one round (dispatch without num_worst_tokens to stream any number)")
 
     def _host_counts(self, experts_per_rank: int):
         words = 4 + experts_per_rank
