@@ -178,12 +178,12 @@ def sweep(rank: int, world: int, shared_gpu: bool) -> None:
         layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
         recv_x, _, _, _, handle, _ = buf.dispatch(x, config=config, **layout)
         num_recv = recv_x.shape[0]
-        seq = backend.seq
+        launches = backend.launches
         buf.dispatch(x, handle=handle, config=config)
-        dispatch_rounds = backend.seq - seq
-        seq = backend.seq
+        dispatch_rounds = backend.launches - launches
+        launches = backend.launches
         buf.combine(recv_x, handle, config=config)
-        combine_rounds = backend.seq - seq
+        combine_rounds = backend.launches - launches
         cases = [("dispatch_bf16", lambda: buf.dispatch(x, handle=handle, config=config), "_dispatch",
                   num_recv * HIDDEN * 2, dispatch_rounds),
                  ("dispatch_fp8", lambda: buf.dispatch(x_fp8, handle=handle, config=config), "_dispatch",

@@ -79,10 +79,10 @@ def check_case(buffer, rank, num_ranks, tokens, num_experts, seed, expect_rounds
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     backend = buffer._backend
-    seq0 = backend.seq
+    launches0 = backend.launches
     recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
         x.to(torch.bfloat16), topk_idx=topk_idx, topk_weights=topk_weights, config=B.Config(24), **layout)
-    rounds = backend.seq - seq0 - 1   # less the notify launch
+    rounds = backend.launches - launches0 - 1   # less the notify launch
     if expect_rounds == "many":
         assert rounds > 1, f"{label}: expected a streamed dispatch, ran {rounds} round(s)"
     else:
@@ -95,9 +95,9 @@ def check_case(buffer, rank, num_ranks, tokens, num_experts, seed, expect_rounds
     assert counts == ref_per_expert, f"{label}: per-expert counts"
 
     # combine: every rank returns the rows it received; each token sums one copy per rank it reached
-    seq0 = backend.seq
+    launches0 = backend.launches
     combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w, config=B.Config(24))
-    combine_rounds = backend.seq - seq0
+    combine_rounds = backend.launches - launches0
     want_rounds = rd.combine_plan(max(tokens), backend.layout.slot_capacity(ik.combine_slot_bytes(HIDDEN, NUM_TOPK)),
                                   num_ranks).num_rounds
     assert combine_rounds == want_rounds, f"{label}: {combine_rounds} combine rounds, planned {want_rounds}"
@@ -190,3 +190,86 @@ def test_streamed_ep4():
 def test_65536_tokens_per_rank_ep2():
     """The issue's upper end: 65,536 tokens per rank through the two-argument hint's buffer."""
     _spawn(2, [("65536 tokens per rank EP2", [65536, 65536], 32, None, "many", 300.0)])
+
+
+# -- issue 18 item 6b: dispatch with num_worst_tokens and combine in one CUDA graph -------------------
+GRAPH_TOKENS, GRAPH_REPLAYS = 96, 6
+
+
+def _graph_worker(rank, num_ranks, init_file):
+    import epkern.buffer as B
+
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        buffer = B.Buffer(dist.group.WORLD, num_nvl_bytes=B.Config().get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks),
+                          backend="nvlink", timeout_s=60)
+        num_experts, worst = 8 * num_ranks, GRAPH_TOKENS * num_ranks
+        x = torch.zeros(GRAPH_TOKENS, HIDDEN, dtype=torch.bfloat16, device=device)
+        topk_idx = torch.zeros(GRAPH_TOKENS, NUM_TOPK, dtype=torch.int64, device=device)
+        topk_weights = torch.zeros(GRAPH_TOKENS, NUM_TOPK, dtype=torch.float32, device=device)
+
+        def load(replay):   # new inputs, written in place (every rank can rebuild every rank's)
+            inputs = [make_inputs(100 + replay, r, GRAPH_TOKENS, num_experts, device) for r in range(num_ranks)]
+            src_x, src_idx, src_w = inputs[rank]
+            src_x = src_x.clone()
+            src_x[:, 6] = replay   # rows of different replays differ
+            x.copy_(src_x.to(torch.bfloat16))
+            topk_idx.copy_(src_idx)
+            topk_weights.copy_(src_w)
+            for r, inp in enumerate(inputs):
+                inp[0][:, 6] = replay
+            return inputs
+
+        def step():
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+            recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+                x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, num_worst_tokens=worst)
+            combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+            return recv_x, recv_idx, recv_w, handle.recv_src_idx, in_rank, combined, combined_w
+
+        load(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # warm up (compiles, allocates) outside the capture
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for replay in range(1, GRAPH_REPLAYS + 1):
+            inputs = load(replay)
+            # skew the ranks: a replay that reused its capture's sequence numbers would pass the
+            # barriers on the previous replay's flags and read stale rows
+            torch.cuda._sleep(((rank + replay) % num_ranks) * 20_000_000)
+            graph.replay()
+            torch.cuda.synchronize()
+            recv_x, recv_idx, recv_w, recv_src, in_rank, combined, combined_w = out
+            ref_x, ref_idx, ref_w, ref_src, _ = expected(inputs, rank, num_ranks, num_experts)
+            n, label = ref_x.shape[0], f"EP{num_ranks} rank {rank} replay {replay}"
+            assert torch.equal(recv_x[:n].float(), ref_x), f"{label}: rows"
+            assert torch.equal(recv_idx[:n], ref_idx) and torch.equal(recv_w[:n], ref_w), f"{label}: top-k"
+            assert torch.equal(recv_src[:n], ref_src) and bool((recv_src[n:] == -1).all()), f"{label}: sources"
+            reached = in_rank.sum(1, keepdim=True).float()
+            assert torch.equal(combined.float(), (x.float() * reached).to(torch.bfloat16).float()), f"{label}: combine"
+            assert torch.equal(combined_w, torch.where(topk_idx >= 0, topk_weights, torch.zeros_like(topk_weights))), \
+                f"{label}: combined weights"
+        buffer.destroy()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_dispatch_combine_graph_replays_with_new_inputs(num_ranks):
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.spawn(_graph_worker, args=(num_ranks, os.path.join(tmp, "init")), nprocs=num_ranks, join=False)
+        deadline = time.monotonic() + 600
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                pytest.fail(f"EP{num_ranks} graph replays: still running after 600 s (a hang)")

@@ -8,8 +8,10 @@ Each call is a few kernel launches on the caller's (communication) stream:
 What does not fit the peer buffer at once streams through it in rounds (epkern/normal/rounds.py):
 one round when it fits, so the one-shot path is unchanged; any number of tokens otherwise, with
 no memory beyond the buffer and the outputs.
-Every launch takes the next sequence number; all ranks issue the same calls in the same order, so
-their numbers agree, and every rank plans the same rounds from the same exchanged maxima. A
+Every launch takes the next sequence number from a device-side counter (so a CUDA graph of
+dispatch with num_worst_tokens and combine replays with fresh numbers: no replay passes a barrier
+on an earlier replay's flags); all ranks issue the same launches in the same order, so their
+numbers agree, and every rank plans the same rounds from the same exchanged maxima. A
 kernel that waits past the timeout reports (kernel, rank) in a host-mapped status word; the host
 raises TimeoutError from it at the next call (or at once while waiting for the notify counts).
 Every kernel returns at once when the status word is set, so a failed call ends within about one
@@ -52,15 +54,18 @@ class NvlinkBackend:
         self.layout = ik.PeerLayout(num_nvl_bytes)
         self.status = HostMapped(64)
         self._status_word = self.status.host_array(ctypes.c_uint32, 1)
-        self._host_out: HostMapped | None = None
-        self.seq = 0
         self.device = self.peer.device
+        # the kernels' sequence numbers: a device-side counter each launch advances (so CUDA-graph
+        # replays take fresh numbers); {last launch's number, warps done with the current one}
+        self.seq_word = torch.zeros(2, dtype=torch.int32, device=self.device)
+        self._host_out = HostMapped(4 * (4 + 4096))   # notify's counts, allocated before any capture
+        self.launches = 0   # kernels launched eagerly or captured (the device counts replays too)
+        self._call_id = 0   # which notify's counts the host waits for
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    def _next_seq(self) -> int:
+    def _next_launch(self) -> None:
         self.raise_if_failed()
-        self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
-        return self.seq
+        self.launches += 1
 
     @property
     def timeout_ns(self) -> int:
@@ -82,18 +87,20 @@ class NvlinkBackend:
 
     def _host_counts(self, experts_per_rank: int):
         words = 4 + experts_per_rank
-        if self._host_out is None or self._host_out.nbytes < 4 * words:
-            if self._host_out is not None:
-                torch.cuda.synchronize(self.device)
-                self._host_out.close()
-            self._host_out = HostMapped(4 * max(words, 1024))
+        if self._host_out.nbytes < 4 * words:
+            if torch.cuda.is_current_stream_capturing():
+                raise ValueError(f"{experts_per_rank} experts per rank: run one dispatch before capturing a CUDA "
+                                 "graph (the counts buffer grows outside capture only)")
+            torch.cuda.synchronize(self.device)
+            self._host_out.close()
+            self._host_out = HostMapped(4 * words)
         return self._host_out
 
-    def _wait_counts(self, seq: int, experts_per_rank: int) -> list[int]:
+    def _wait_counts(self, call_id: int, experts_per_rank: int) -> list[int]:
         """Busy-wait (with the timeout) until notify published its counts to host memory."""
         out = self._host_out.host_array(ctypes.c_uint32, 4 + experts_per_rank)
         deadline = time.monotonic() + self.timeout_s + 5.0
-        while out[0] != seq:
+        while out[0] != call_id:
             self.raise_if_failed()
             if time.monotonic() > deadline:
                 raise PeerTimeoutError(f"intranode notify on rank {self.rank}: no counts after {self.timeout_s:g} s "
@@ -120,16 +127,18 @@ class NvlinkBackend:
             send_head = torch.empty(T, R, dtype=torch.int32, device=device)
             recv_expert_counts = torch.empty(max(experts_per_rank, 1), dtype=torch.int32, device=device)
             host_out = self._host_counts(experts_per_rank)
-            seq = self._next_seq()
+            self._next_launch()
+            self._call_id = (self._call_id + 1) & 0xFFFFFFFF or 1
+            call_id = self._call_id
             ik.launch_notify(stream, R, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, expert_alignment,
-                             rank, seq, self.peer.ptr_table, self.timeout_ns, rank_prefix, send_head,
-                             recv_expert_counts, host_out.device_ptr, self.status.device_ptr)
+                             rank, self.seq_word, call_id, self.peer.ptr_table, self.timeout_ns, rank_prefix,
+                             send_head, recv_expert_counts, host_out.device_ptr, self.status.device_ptr)
             if num_worst_tokens > 0:
                 # no host sync: every rank plans from num_worst_tokens (>= any rank's received rows)
                 rows = max_remote = num_worst_tokens
                 per_expert_list = []
             else:
-                counts = self._wait_counts(seq, experts_per_rank)
+                counts = self._wait_counts(call_id, experts_per_rank)
                 rows, max_remote, max_tokens = counts[0], counts[1], counts[2]
                 per_expert_list = counts[3:3 + experts_per_rank]
         else:
@@ -150,9 +159,9 @@ class NvlinkBackend:
         recv_src_idx = torch.empty(rows, dtype=torch.int32, device=device)
         spec = ik.dispatch_spec(R, H, num_topk, fp8, config.num_sms)
         for k in range(plan.num_rounds):
-            seq = self._next_seq()
+            self._next_launch()
             ik.launch_dispatch(stream, spec, x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, rows,
-                               experts_per_rank, rank, seq, self.peer.ptr_table, self.layout, capacity,
+                               experts_per_rank, rank, self.seq_word, self.peer.ptr_table, self.layout, capacity,
                                self.timeout_ns, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
                                self.status.device_ptr, k, plan.num_rounds, plan.window)
         if handle is None:
@@ -187,9 +196,9 @@ class NvlinkBackend:
         bias1 = bias[1] if len(bias) > 1 else None
         spec = ik.combine_spec(R, H, num_topk, config.num_sms)
         for k in range(plan.num_rounds):
-            seq = self._next_seq()
+            self._next_launch()
             ik.launch_combine(stream, spec, x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
-                              handle.send_head, self.rank, seq, self.peer.ptr_table, self.layout, capacity,
+                              handle.send_head, self.rank, self.seq_word, self.peer.ptr_table, self.layout, capacity,
                               self.timeout_ns, bias0, bias1, combined_x, combined_weights, self.status.device_ptr,
                               k, plan.num_rounds, plan.window)
         return combined_x, combined_weights
@@ -200,6 +209,5 @@ class NvlinkBackend:
         torch.cuda.synchronize(self.device)
         self.peer.close()
         self.status.close()
-        if self._host_out is not None:
-            self._host_out.close()
+        self._host_out.close()
         self.peer = None
