@@ -169,3 +169,21 @@ def test_combine_rounds_match_brute_force(seed):
 
 def _base(P, s, d):
     return P[s - 1][d] if s else 0
+
+
+def test_the_handle_carries_the_plan_inputs():
+    """Cached dispatch and combine plan from the handle's maxima (no sync); a plain tuple loses them."""
+    import torch
+
+    from epkern.normal.handle import DispatchHandle, check_handle
+
+    t = torch.zeros(2, 2, dtype=torch.int32)
+    handle = DispatchHandle(t, t, t, t, t.bool(), t)
+    assert (handle.max_remote_rows, handle.max_tokens) == (None, None)
+    handle.max_remote_rows, handle.max_tokens = 123, 45
+    assert check_handle(handle, 2) is handle
+    a, b, c, d, e, f = handle   # still DeepEP's six fields
+    assert len(handle) == 6 and f is t
+    rebuilt = check_handle(tuple(handle), 2)
+    assert (rebuilt.max_remote_rows, rebuilt.max_tokens) == (None, None)
+    assert rd.max_remote_rows([[3, 1], [5, 4]]) == max(5 - 3, 4 - 3)
