@@ -205,7 +205,6 @@ def sweep(rank: int, world: int, shared_gpu: bool) -> None:
             "buffer": "two-argument size hint"}, timing, bytes_moved=num_recv * HIDDEN * 2,
             extra={"rounds": dispatch_rounds, "shared_gpu": shared_gpu})
         log(f"T={num_tokens:6d} dispatch bf16 end-to-end {timing['median_us']:9.1f} us", flush=True)
-        del x, x_fp8, recv_x, handle
     if rank == 0:
         path = RESULTS_DIR / "intranode.json"
         doc = json.loads(path.read_text()) if path.exists() else {"kernel": "intranode", "rows": []}
