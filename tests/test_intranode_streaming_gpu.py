@@ -113,7 +113,7 @@ def check_case(buffer, rank, num_ranks, tokens, num_experts, seed, expect_rounds
     assert torch.equal(recv_scales, ref_scales), f"{label}: cached FP8 scales"
 
     # padded dispatch: no host sync, rounds planned from num_worst_tokens
-    worst = sum(tokens)
+    worst = max(1, sum(tokens))   # (0 would mean no padding)
     recv_x, recv_idx, _, counts, worst_handle, _ = buffer.dispatch(
         x.to(torch.bfloat16), topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst,
         config=B.Config(24), **layout)
