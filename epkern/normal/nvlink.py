@@ -61,6 +61,7 @@ class NvlinkBackend:
         self._host_out = HostMapped(4 * (4 + 4096))   # notify's counts, allocated before any capture
         self.launches = 0   # kernels launched eagerly or captured (the device counts replays too)
         self._call_id = 0   # which notify's counts the host waits for
+        self._failed = ""   # set when the host gave up waiting
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _next_launch(self) -> None:
@@ -72,6 +73,8 @@ class NvlinkBackend:
         return int(self.timeout_s * 1e9)
 
     def raise_if_failed(self) -> None:
+        if self._failed:
+            raise PeerTimeoutError(self._failed)
         word = int(self._status_word[0])
         if not word:
             return
@@ -99,12 +102,16 @@ class NvlinkBackend:
     def _wait_counts(self, call_id: int, experts_per_rank: int) -> list[int]:
         """Busy-wait (with the timeout) until notify published its counts to host memory."""
         out = self._host_out.host_array(ctypes.c_uint32, 4 + experts_per_rank)
-        deadline = time.monotonic() + self.timeout_s + 5.0
+        # the kernel's own deadline (from its start, just after this launch) comes first and its report
+        # names the missing rank; 0.25 s later the host stops waiting all the same
+        deadline = time.monotonic() + self.timeout_s + 0.25
         while out[0] != call_id:
             self.raise_if_failed()
             if time.monotonic() > deadline:
-                raise PeerTimeoutError(f"intranode notify on rank {self.rank}: no counts after {self.timeout_s:g} s "
-                                       "(the kernel did not run: is the communication stream blocked?)")
+                self._failed = (f"intranode notify on rank {self.rank}: no counts within {self.timeout_s:g} s (a peer "
+                                "did not arrive, or the communication stream is blocked); this buffer is unusable, "
+                                "destroy it")
+                raise PeerTimeoutError(self._failed)
         return list(out[1:4 + experts_per_rank])
 
     # -- dispatch ----------------------------------------------------------------------------------
