@@ -59,8 +59,10 @@ class Config:
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_max_tokens: int = 4096,
                                  num_topk: int = ik.MAX_TOPK) -> int:
-        """Peer-buffer bytes for up to num_max_tokens tokens per rank with rows of hidden_bytes
-        (hidden x max(element size, 2), as DeepEP users compute it)."""
+        """Peer-buffer bytes that take num_max_tokens tokens per rank in one round, with rows of
+        hidden_bytes (hidden x max(element size, 2), as DeepEP users compute it). Any number of
+        tokens works with it: what does not fit at once streams through the buffer in rounds
+        (epkern/normal/rounds.py); DeepEP's two-argument call sizes it for 4,096 tokens per rank."""
         hidden = -(-hidden_bytes // 2)
         slot = max(ik.combine_slot_bytes(hidden, num_topk),
                    ik.dispatch_slot_bytes(-(-hidden // 8) * 8, num_topk, False))

@@ -108,11 +108,14 @@ def _check(rec, params_by_entry):
 def test_normal_launchers_pass_every_parameter(recorder):
     t = torch.zeros(4, 2, dtype=torch.int32)
     layout = ik.PeerLayout(64 << 20)
-    ik.launch_notify(None, 2, t, t, t, 1, 0, 1, t, 10, t, t, t, 1 << 30, 1 << 31)
+    ik.launch_notify(None, 2, t, t, t, 1, 0, t, 1, t, 10, t, t, t, 1 << 30, 1 << 31)
     spec = ik.dispatch_spec(2, 4096, 8, False, 20)
-    ik.launch_dispatch(None, spec, t, None, t, t, t, t, 16, 4, 0, 2, t, layout, 100, 10, t, None, t, t, t, 1 << 31)
+    ik.launch_dispatch(None, spec, t, None, t, t, t, t, 16, 4, 0, t, t, layout, 100, 10, t, None, t, t, t, 1 << 31)
+    ik.launch_dispatch(None, spec, t, None, t, t, t, t, 16, 4, 0, t, t, layout, 100, 10, t, None, t, t, t, 1 << 31,
+                       2, 5, 300)
     spec = ik.combine_spec(2, 4096, 8, 20)
-    ik.launch_combine(None, spec, t, t, t, t, t, 0, 3, t, layout, 100, 10, None, None, t, t, 1 << 31)
+    ik.launch_combine(None, spec, t, t, t, t, t, 0, t, t, layout, 100, 10, None, None, t, t, 1 << 31)
+    ik.launch_combine(None, spec, t, t, t, t, t, 0, t, t, layout, 100, 10, None, None, t, t, 1 << 31, 1, 3, 77)
     _check(recorder, {p.entry: p for ps in ik.PARAMS.values() for p in ps})
 
 

@@ -20,13 +20,23 @@ from typing import NamedTuple
 import torch
 
 
-class DispatchHandle(NamedTuple):
+class _HandleFields(NamedTuple):
     rank_prefix_matrix: torch.Tensor
     channel_prefix_matrix: torch.Tensor
     recv_channel_prefix_matrix: torch.Tensor
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
     send_head: torch.Tensor
+
+
+class DispatchHandle(_HandleFields):
+    """The six tensors, plus what the NVLink backend's streaming plan needs on the host (no __slots__,
+    so a handle carries them as attributes): the most rows any rank received from other ranks and
+    the most tokens any rank sent, both known to the host after a dispatch that synchronized (None
+    after num_worst_tokens, or on a handle rebuilt from a plain tuple)."""
+
+    max_remote_rows: int | None = None
+    max_tokens: int | None = None
 
     @property
     def num_ranks(self) -> int:
@@ -46,7 +56,8 @@ def check_handle(handle, num_ranks: int) -> DispatchHandle:
     """Accept a DispatchHandle (or a plain 6-tuple of the same tensors) made for num_ranks ranks."""
     if not isinstance(handle, tuple) or len(handle) != 6:
         raise TypeError("handle: expected the handle returned by Buffer.dispatch (a 6-tuple)")
-    handle = DispatchHandle(*handle)
+    if not isinstance(handle, DispatchHandle):
+        handle = DispatchHandle(*handle)
     if handle.rank_prefix_matrix.shape != (num_ranks, num_ranks):
         raise ValueError(f"handle: rank_prefix_matrix has shape {tuple(handle.rank_prefix_matrix.shape)}, "
                          f"expected ({num_ranks}, {num_ranks}); was it made by a buffer of another group?")

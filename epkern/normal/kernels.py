@@ -212,57 +212,66 @@ def combine_spec(num_ranks: int, hidden: int, num_topk: int, num_sms: int) -> In
 # Each kernel's parameters in the order of its template's signature.
 NOTIFY_PARAMS = KernelParams(
     "notify", "is_token_in_rank num_tokens_per_rank num_tokens_per_expert num_tokens:i32 experts_per_rank:i32 "
-    "expert_alignment:i32 rank:i32 seq:u32 ptr_table timeout_ns:u64 rank_prefix_matrix send_head "
+    "expert_alignment:i32 rank:i32 seq_word call_id:u32 ptr_table timeout_ns:u64 rank_prefix_matrix send_head "
     "recv_expert_counts host_out:addr status:addr")
 DISPATCH_PARAMS = KernelParams(
     "dispatch", "x x_scales topk_idx topk_weights send_head rank_prefix_matrix num_tokens:i32 num_out_rows:i32 "
-    "experts_per_rank:i32 rank:i32 seq:u32 ptr_table flags_off:u64 payload_off:u64 slot_capacity:i64 "
-    "timeout_ns:u64 recv_x recv_x_scales recv_topk_idx recv_topk_weights recv_src_idx status:addr")
+    "experts_per_rank:i32 rank:i32 seq_word ptr_table flags_off:u64 payload_off:u64 slot_capacity:i64 "
+    "timeout_ns:u64 recv_x recv_x_scales recv_topk_idx recv_topk_weights recv_src_idx status:addr "
+    "round_index:i32 num_rounds:i32 window:i64")
 COMBINE_PARAMS = KernelParams(
-    "combine", "x topk_weights recv_src_idx rank_prefix_matrix send_head num_tokens:i32 rank:i32 seq:u32 "
+    "combine", "x topk_weights recv_src_idx rank_prefix_matrix send_head num_tokens:i32 rank:i32 seq_word "
     "ptr_table flags_off:u64 payload_off:u64 slot_capacity:i64 timeout_ns:u64 bias0 bias1 combined_x "
-    "combined_weights status:addr")
+    "combined_weights status:addr round_index:i32 num_rounds:i32 window:i64")
 PARAMS = {"notify": (NOTIFY_PARAMS,), "dispatch": (DISPATCH_PARAMS,), "combine": (COMBINE_PARAMS,)}
 
 
 def launch_notify(stream, num_ranks, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, expert_alignment,
-                  rank, seq, ptr_table, timeout_ns, rank_prefix_matrix, send_head, recv_expert_counts,
+                  rank, seq_word, call_id, ptr_table, timeout_ns, rank_prefix_matrix, send_head, recv_expert_counts,
                   host_out_ptr, status_ptr):
+    """seq_word: the buffer's device-side launch counter; call_id: what notify writes to host_out[0]."""
     spec = notify_spec(num_ranks)
     get_module(spec, is_token_in_rank.device.index).launch(
         "notify", 1, spec.threads, *NOTIFY_PARAMS.pack(
             is_token_in_rank=is_token_in_rank, num_tokens_per_rank=num_tokens_per_rank,
             num_tokens_per_expert=num_tokens_per_expert, num_tokens=is_token_in_rank.shape[0],
             experts_per_rank=num_tokens_per_expert.numel() // num_ranks, expert_alignment=expert_alignment,
-            rank=rank, seq=seq, ptr_table=ptr_table, timeout_ns=timeout_ns, rank_prefix_matrix=rank_prefix_matrix,
+            rank=rank, seq_word=seq_word, call_id=call_id, ptr_table=ptr_table, timeout_ns=timeout_ns,
+            rank_prefix_matrix=rank_prefix_matrix,
             send_head=send_head, recv_expert_counts=recv_expert_counts, host_out=host_out_ptr, status=status_ptr),
         stream=stream)
 
 
 def launch_dispatch(stream, spec: IntranodeSpec, x, x_scales, topk_idx, topk_weights, send_head, rank_prefix_matrix,
-                    num_out_rows, experts_per_rank, rank, seq, ptr_table, layout: PeerLayout, slot_capacity,
-                    timeout_ns, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, status_ptr):
+                    num_out_rows, experts_per_rank, rank, seq_word, ptr_table, layout: PeerLayout, slot_capacity,
+                    timeout_ns, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, status_ptr,
+                    round_index=0, num_rounds=1, window=1):
+    """One round of a dispatch (epkern/normal/rounds.py; the defaults: the whole dispatch at once)."""
     get_module(spec, x.device.index).launch(
         "dispatch", spec.num_sms, spec.threads, *DISPATCH_PARAMS.pack(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_head=send_head,
             rank_prefix_matrix=rank_prefix_matrix, num_tokens=x.shape[0], num_out_rows=num_out_rows,
-            experts_per_rank=experts_per_rank, rank=rank, seq=seq, ptr_table=ptr_table, flags_off=layout.flags_off,
+            experts_per_rank=experts_per_rank, rank=rank, seq_word=seq_word, ptr_table=ptr_table,
+            flags_off=layout.flags_off,
             payload_off=layout.payload_off, slot_capacity=slot_capacity, timeout_ns=timeout_ns, recv_x=recv_x,
             recv_x_scales=recv_x_scales, recv_topk_idx=recv_topk_idx, recv_topk_weights=recv_topk_weights,
-            recv_src_idx=recv_src_idx, status=status_ptr),
+            recv_src_idx=recv_src_idx, status=status_ptr, round_index=round_index, num_rounds=num_rounds,
+            window=window),
         stream=stream)
 
 
 def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, rank_prefix_matrix, send_head,
-                   rank, seq, ptr_table, layout: PeerLayout, slot_capacity, timeout_ns, bias0, bias1,
-                   combined_x, combined_weights, status_ptr):
+                   rank, seq_word, ptr_table, layout: PeerLayout, slot_capacity, timeout_ns, bias0, bias1,
+                   combined_x, combined_weights, status_ptr, round_index=0, num_rounds=1, window=1):
+    """One round of a combine (epkern/normal/rounds.py; the defaults: the whole combine at once)."""
     get_module(spec, x.device.index).launch(
         "combine", spec.num_sms, spec.threads, *COMBINE_PARAMS.pack(
             x=x, topk_weights=topk_weights, recv_src_idx=recv_src_idx, rank_prefix_matrix=rank_prefix_matrix,
-            send_head=send_head, num_tokens=send_head.shape[0], rank=rank, seq=seq, ptr_table=ptr_table,
+            send_head=send_head, num_tokens=send_head.shape[0], rank=rank, seq_word=seq_word, ptr_table=ptr_table,
             flags_off=layout.flags_off, payload_off=layout.payload_off, slot_capacity=slot_capacity,
             timeout_ns=timeout_ns, bias0=bias0, bias1=bias1, combined_x=combined_x,
-            combined_weights=combined_weights, status=status_ptr),
+            combined_weights=combined_weights, status=status_ptr, round_index=round_index,
+            num_rounds=num_rounds, window=window),
         smem=spec.dynamic_smem, stream=stream)
 
 
