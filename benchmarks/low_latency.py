@@ -48,7 +48,7 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20, carry: boo
 
     def aligned():  # the GPU sleeps while the host queues the barrier and the send behind it
         torch.cuda._sleep(200_000)
-        buf._barrier(H, E)
+        buf._barrier()
 
     def once():
         aligned()

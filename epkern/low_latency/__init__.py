@@ -4,6 +4,8 @@
 `epkern.Buffer(low_latency_mode=True)` delegates to.
 """
 from .buffer import LowLatencyBuffer, get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
+from .handle import LowLatencyHandle
 from .kernels import deployment_specs
 
-__all__ = ["LowLatencyBuffer", "deployment_specs", "get_low_latency_rdma_size_hint", "max_dispatch_tokens_for_bytes"]
+__all__ = ["LowLatencyBuffer", "LowLatencyHandle", "deployment_specs", "get_low_latency_rdma_size_hint",
+           "max_dispatch_tokens_for_bytes"]
