@@ -229,7 +229,7 @@ class LowLatencyBuffer:
         and a 9-bit code on a log2 grid from the group's amin, clipped at 2^-32 amax, to its amax;
         groups with amax >= 1 and the hidden % 128 tail channels stay bf16; 160 bytes per encoded
         group instead of 256, plus 4 bytes of group statistics). Error per value of an encoded
-        partial row: |decoded - x| <= eps * |x| + 2^-32 * amax(group), eps = (2^s - 1) / (2^s + 1)
+        partial row: |decoded - x| <= (eps + 2^-14) * |x| + 2^-32 * amax(group), eps = (2^s - 1) / (2^s + 1)
         for the group's step s = log2(amax / amin) / 510, at most 0.0218 (0.0054 for a range of 2^8);
         the receiver then adds the partial rows in fp32 and rounds to bf16 as without it.
         epkern.low_latency.logfmt is the CPU reference.

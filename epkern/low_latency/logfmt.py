@@ -16,12 +16,13 @@ each expert rank sends back, after its bf16 rounding) with its own packing:
 
 Error bound (per value of an encoded group, before the receiver's fp32 sum and bf16 rounding):
 
-    |decode(encode(x)) - x| <= eps(step) * |x| + 2^-32 * amax,   eps(step) = (2^step - 1) / (2^step + 1)
+    |decode(encode(x)) - x| <= (eps(step) + 2^-14) * |x| + 2^-32 * amax,   eps(step) = (2^step - 1) / (2^step + 1)
 
-eps is at most (2^(32/510) - 1) / (2^(32/510) + 1) = 0.02175 (a group spanning the full 2^32 range)
-and shrinks with the group's range: 0.0054 for a range of 2^8, 0.0007 for 2^1. The 2^-32 * amax term
-covers values below the clipped amin (they become 0 or amin). The GPU computes log2 and exp2 with the
-hardware approximations (lg2.approx / ex2.approx, ~2^-22 relative), which adds about 1e-6 * |x|.
+eps is the exact format's: at most (2^(32/510) - 1) / (2^(32/510) + 1) = 0.02175 (a group spanning the
+full 2^32 range), shrinking with the group's range: 0.0054 for a range of 2^8, 0.0007 for 2^1. The
+2^-32 * amax term covers values below the clipped amin (they become 0 or amin). The 2^-14 covers the
+arithmetic: fp32 rounding of the log2-domain arguments (up to |log2 amin| ~ 133, 2^-16 ulp) and the
+hardware lg2.approx / ex2.approx the GPU uses (~2^-22), a few 1e-6 of |x| in the worst case.
 Zeros stay exactly zero; groups not encoded are exact.
 
 Wire format of one combine row (message_bytes(hidden) at most, as many bytes as the row needs):
@@ -42,7 +43,7 @@ UNIT = 8               # values per packed unit (one 16-byte bf16 vector)
 UNIT_BYTES = 10        # 8 x (9 + 1) bits
 ENCODED_GROUP_BYTES = GROUP // UNIT * UNIT_BYTES    # 160, against 256 in bf16
 MAX_EPS = (2 ** (MIN_CLIP / NUM_STEPS) - 1) / (2 ** (MIN_CLIP / NUM_STEPS) + 1)   # 0.02175
-APPROX_REL = 1e-6      # the hardware log2/exp2 approximations, relative
+APPROX_REL = 2.0 ** -14   # fp32 log2-domain rounding and the hardware log2/exp2 approximations, relative
 
 
 def num_groups(hidden: int) -> int:
