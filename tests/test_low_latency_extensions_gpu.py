@@ -8,6 +8,7 @@
 
     python3 -m pytest -q -m gpu tests/test_low_latency_extensions_gpu.py
 """
+import datetime
 import os
 import socket
 
@@ -225,7 +226,8 @@ def _worker(rank, num_ranks, port, num_gpus):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank % num_gpus)
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+    # a failing rank must not leave the other waiting in a gloo barrier for the default 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=num_ranks, timeout=datetime.timedelta(seconds=300))
     buf = LowLatencyBuffer(dist.group.WORLD, get_low_latency_rdma_size_hint(M, H_FP8, num_ranks, E), timeout_s=10.0)
     # compile every kernel first, so no rank waits on another's JIT past the timeout
     for hidden, kinds in ((H_FP8, DISPATCH_KINDS), (H_ODD, ("bf16",))):

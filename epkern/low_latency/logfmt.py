@@ -74,6 +74,7 @@ def _group_stats(x: torch.Tensor):
     n, hidden = x.shape
     g = num_groups(hidden)
     a = x[:, :g * GROUP].float().abs().view(n, g, GROUP)
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)   # a NaN keeps its group bf16 (amax = inf)
     amax, amin = a.amax(-1), a.amin(-1)
     return _stats_from(amax, amin)
 
