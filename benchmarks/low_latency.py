@@ -11,6 +11,11 @@ peer, as combine's does for the weights, is not charged the other process's late
 receive after a large GEMM as in DeepEP's own test, so it finds the data already there. Rank 0
 writes benchmarks/results/low_latency.json.
 
+Extension rows: dispatch with topk_weights= (the weights travel in the header: +32 bytes per
+message at top-8), combine of that handle (its send waits for no rank; the hook halves are also
+timed as "(weights carried)"), and combine with use_logfmt=True on expert outputs below 1 (so every
+group is LogFMT-encoded: 160 instead of 256 bytes per 128 channels).
+
 Floor: one message per (token, other rank holding one of its experts) crosses NVLink (nearly every
 token at EP=2, top-8); those bytes over the measured one-direction NVLink copy rate (393 GB/s,
 REFERENCE.md) give the floor rows. DeepEP sends one message per (token, expert): "remote_copies".
