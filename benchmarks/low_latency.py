@@ -11,6 +11,11 @@ peer, as combine's does for the weights, is not charged the other process's late
 receive after a large GEMM as in DeepEP's own test, so it finds the data already there. Rank 0
 writes benchmarks/results/low_latency.json.
 
+Extension rows: dispatch with topk_weights= (the weights travel in the header: +32 bytes per
+message at top-8), combine of that handle (its send waits for no rank; the hook halves are also
+timed as "(weights carried)"), and combine with use_logfmt=True on expert outputs below 1 (so every
+group is LogFMT-encoded: 160 instead of 256 bytes per 128 channels).
+
 Floor: one message per (token, other rank holding one of its experts) crosses NVLink (nearly every
 token at EP=2, top-8); those bytes over the measured one-direction NVLink copy rate (393 GB/s,
 REFERENCE.md) give the floor rows. DeepEP sends one message per (token, expert): "remote_copies".
@@ -41,17 +46,19 @@ def _inputs(rank: int, tokens: int):
     return x, topk_idx, weights
 
 
-def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
-    """Send/receive kernel durations (us) with hooks, from the profiler."""
+def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20, carry: bool = False) -> dict:
+    """Send/receive kernel durations (us) with hooks, from the profiler (carry: dispatch carries the
+    top-k weights, so combine's send does not wait for the other rank's)."""
     a = torch.randn(4096, 4096, device="cuda")
 
     def aligned():  # the GPU sleeps while the host queues the barrier and the send behind it
         torch.cuda._sleep(200_000)
-        buf._barrier(H, E)
+        buf._barrier()
 
     def once():
         aligned()
-        _, _, handle, _, hook = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True, return_recv_hook=True)
+        _, _, handle, _, hook = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True, return_recv_hook=True,
+                                                         topk_weights=weights if carry else None)
         a @ a
         hook()
         aligned()
@@ -79,7 +86,7 @@ def _kernel_times(buf, x, topk_idx, weights, gemm_x, iters: int = 20) -> dict:
 
 def _worker(rank: int, num_ranks: int, tokens_list: list[int], num_sms: int, name: str):
     from benchmarks.harness import Bench
-    from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint
+    from epkern.low_latency import LowLatencyBuffer, get_low_latency_rdma_size_hint, logfmt
     from epkern.low_latency.kernels import LowLatencySpec
 
     buf = LowLatencyBuffer(dist.group.WORLD, get_low_latency_rdma_size_hint(M, H, num_ranks, E), timeout_s=20.0,
@@ -111,9 +118,30 @@ def _worker(rank: int, num_ranks: int, tokens_list: list[int], num_sms: int, nam
             buf.low_latency_combine(gemm_x, topk_idx, weights, h)
 
         timings["dispatch+combine"] = bench.time(both, [None], graph=True, calls_per_graph=CALLS // 2)
+
+        # extensions: weights carried by dispatch (no rendezvous in combine), LogFMT combine rows
+        # (expert outputs below 1, so that DeepEP's rule encodes every group)
+        _, _, handle_w, _, _ = buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True, topk_weights=weights)
+        gemm_small = gemm_x * 0.01
+        timings["dispatch (weights carried)"] = bench.time(
+            lambda _: buf.low_latency_dispatch(x, topk_idx, M, E, use_fp8=True, topk_weights=weights), [None],
+            graph=True, calls_per_graph=CALLS)
+        timings["combine (weights carried)"] = bench.time(
+            lambda _: buf.low_latency_combine(gemm_x, topk_idx, weights, handle_w), [None], graph=True,
+            calls_per_graph=CALLS)
+        timings["combine logfmt"] = bench.time(
+            lambda _: buf.low_latency_combine(gemm_small, topk_idx, weights, handle, use_logfmt=True), [None],
+            graph=True, calls_per_graph=CALLS)
         halves = _kernel_times(buf, x, topk_idx, weights, gemm_x)
+        halves.update({f"{k} (weights carried)": v
+                       for k, v in _kernel_times(buf, x, topk_idx, weights, gemm_x, carry=True).items()})
+        fp8_msg_w = LowLatencySpec("fp8", H, num_ranks, E, K, carry_weights=True).message_bytes
+        logfmt_row = logfmt.meta_bytes(H) + logfmt.ENCODED_GROUP_BYTES * (H // 128) + 2 * (H % 128)
         floors = {"dispatch": remote_messages * fp8_msg / NVLINK_ONE_WAY * 1e6,
-                  "combine": remote_messages * 2 * H / NVLINK_ONE_WAY * 1e6}
+                  "combine": remote_messages * 2 * H / NVLINK_ONE_WAY * 1e6,
+                  "dispatch (weights carried)": remote_messages * fp8_msg_w / NVLINK_ONE_WAY * 1e6,
+                  "combine (weights carried)": remote_messages * 2 * H / NVLINK_ONE_WAY * 1e6,
+                  "combine logfmt": remote_messages * logfmt_row / NVLINK_ONE_WAY * 1e6}
         for name, t in timings.items():
             extra = {"deepep_us_128_tokens": DEEPEP.get(name), "rank": rank, "copies": copies, "remote_copies": remote,
                      "remote_messages": remote_messages}

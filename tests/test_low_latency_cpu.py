@@ -5,6 +5,7 @@ import torch
 from epkern.codegen import build
 from epkern.deployment import Deployment
 from epkern.low_latency.buffer import LowLatencyBuffer, get_low_latency_rdma_size_hint, max_dispatch_tokens_for_bytes
+from epkern.low_latency.handle import LowLatencyHandle
 from epkern.low_latency.kernels import KINDS, BarrierSpec, BufferLayout, LowLatencySpec, deployment_specs, dispatch_kind
 
 
@@ -93,13 +94,10 @@ def test_deployment_specs_cover_every_ep_size_and_kind():
 
 
 # -- sizing ------------------------------------------------------------------------------------------
-def test_size_hint_formula():
+def test_size_hint_is_below_one_slot_per_expert():
+    # the exact formula: tests/test_low_latency_variants_cpu.py::test_size_hint_formula. One slot per
+    # (rank, token) instead of one per (expert, token): less than the send rows again
     M, H, E = 128, 7168, 256
-    for R in (2, 8):
-        hint = get_low_latency_rdma_size_hint(M, H, R, E)
-        # barrier + 2 x (flags, counts, top-32 weights, a slot per (rank, token), zero-copy send rows)
-        assert hint == 256 + 2 * (128 * -(-24 * R // 128) + 1024 + 128 * R * M + R * M * (256 + 2 * H) + E * M * 2 * H)
-    # one slot per (rank, token) instead of one per (expert, token): less than the send rows again
     assert get_low_latency_rdma_size_hint(M, H, 8, E) < 256 + 2 * 2 * (E * M * (16 + 2 * H))
 
 
@@ -187,24 +185,25 @@ def test_dispatch_rejects_bad_options(cpu_buffer):
 
 def test_combine_rejects_bad_inputs(cpu_buffer):
     _, idx = _inputs()
-    handle = (torch.zeros(4, 32, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int64), 16, 256, 8,
-              torch.zeros(2, 16, 2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+
+    def handle(token_rows=None):
+        return LowLatencyHandle(torch.zeros(4, 32, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int64), 16, 256,
+                                8, token_rows=torch.zeros(2, 16, 2, dtype=torch.int32) if token_rows is None else token_rows,
+                                recv_tokens=torch.zeros(2, dtype=torch.int32))
     x = torch.zeros(4, 32, 256, dtype=torch.bfloat16)
     w = torch.ones(4, 2)
-    with pytest.raises(ValueError, match="handle"):
-        cpu_buffer.low_latency_combine(x, idx, w, handle[:4])
+    with pytest.raises(TypeError, match="handle"):
+        cpu_buffer.low_latency_combine(x, idx, w, handle()[:4])
     with pytest.raises(ValueError, match="x: dimension 1"):
-        cpu_buffer.low_latency_combine(x[:, :16].contiguous(), idx, w, handle)
+        cpu_buffer.low_latency_combine(x[:, :16].contiguous(), idx, w, handle())
     with pytest.raises(TypeError, match="topk_weights"):
-        cpu_buffer.low_latency_combine(x, idx, w.double(), handle)
+        cpu_buffer.low_latency_combine(x, idx, w.double(), handle())
     with pytest.raises(ValueError, match="out"):
-        cpu_buffer.low_latency_combine(x, idx, w, handle, out=torch.zeros(3, 256, dtype=torch.bfloat16))
+        cpu_buffer.low_latency_combine(x, idx, w, handle(), out=torch.zeros(3, 256, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="columns"):
-        cpu_buffer.low_latency_combine(x, torch.zeros(4, 3, dtype=torch.int64), torch.ones(4, 3), handle)
+        cpu_buffer.low_latency_combine(x, torch.zeros(4, 3, dtype=torch.int64), torch.ones(4, 3), handle())
     with pytest.raises(ValueError, match="token_rows"):
-        cpu_buffer.low_latency_combine(x, idx, w, handle[:5] + (torch.zeros(2, 8, 2, dtype=torch.int32), handle[6]))
-    with pytest.raises(ValueError, match="logfmt"):
-        cpu_buffer.low_latency_combine(x, idx, w, handle, use_logfmt=True)
+        cpu_buffer.low_latency_combine(x, idx, w, handle(torch.zeros(2, 8, 2, dtype=torch.int32)))
 
 
 def test_mask_arguments_are_checked(cpu_buffer):

@@ -1,4 +1,5 @@
-"""Low-latency dispatch/combine on 2 GPUs: DeepEP's round-trip checks, options matrix, graphs, masking.
+"""Low-latency dispatch/combine, two ranks (one GPU each, or both on one GPU over gloo): DeepEP's
+round-trip checks, options matrix, graphs, masking.
 
 Rows encode their origin (every column = source rank - 128, the last 128 columns = token index),
 a few top-k entries are -1, one token has all its experts on rank 0 and one has none; counts, layout ranges, source indices and data are checked against the
@@ -9,7 +10,7 @@ import torch
 
 from epkern.testing import multiproc
 
-pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+pytestmark = [pytest.mark.gpu]
 
 T, M, H, E, K = 50, 64, 2944, 32, 8   # T < M; H = 23 scale groups (odd chunk, padded UE8M0 word)
 FORMATS = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
@@ -240,7 +241,14 @@ def _worker(rank, num_ranks):
     buf.destroy()
 
 
+@pytest.mark.multigpu
+@pytest.mark.multigpu
 def test_low_latency_two_ranks():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     multiproc.run(_worker, 2, "nccl")
+
+
+def test_low_latency_two_ranks_one_gpu():
+    """The same checks with both ranks on GPU 0 over gloo (scripts/oversubscribed_ep.py's set-up)."""
+    multiproc.run(_worker, 2, "gloo", num_gpus=1)

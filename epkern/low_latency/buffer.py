@@ -18,7 +18,15 @@ receive min(T, num_sms), dispatch receive and combine send num_sms blocks of 512
 block per SM (num_sms defaults to 132, at most the GPU's SM count). Without a hook, send and
 receive run as one launch of num_sms blocks (its blocks spin on flags, so the grid must fit the
 GPU at once). The combine send kernel waits for every rank's weights: it returns once every rank
-has started its combine (the ranks run the same schedule).
+has started its combine (the ranks run the same schedule), unless dispatch carried the weights
+(low_latency_dispatch(..., topk_weights=...), an extension of DeepEP's API): then it waits for no
+rank. Combine rows land in their own region of the buffer, apart from the dispatch messages, so a
+rank may run ahead of a peer that has not read its dispatch messages yet.
+
+Buffer reuse rule (as DeepEP's): every rank issues the same sequence of calls, and each call's
+inputs depend on the previous call's results of its micro-batch (a dispatch's hook before the
+combine of its expert outputs, a combine's hook before the next dispatch); with two micro-batches,
+interleave their calls (a, b, a, b) so each keeps to one of the two buffers.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch.distributed as dist
 from epkern.codegen import knobs
 
 from ..events import EventOverlap
+from .handle import LowLatencyHandle, as_handle
 from .kernels import (BufferLayout, LowLatencySpec, dispatch_kind, launch_barrier, launch_combine, launch_dispatch,
                       max_tokens_for_bytes, size_hint)
 from ..peer_memory import PeerBuffer
@@ -41,8 +50,11 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
                                    num_experts: int) -> int:
     """Bytes of peer buffer per rank for low-latency mode (DeepEP's name; it sizes our NVLink buffer).
 
-    = 256 + 2 x (24R + 4E + 128*R*M + R*M*(256 + 2H) + E*M*2H), each term rounded up to 128 bytes:
-    flags, counts, top-k weights, one receive slot per (rank, token), the zero-copy combine rows.
+    = 256 + 2 x (24R + 4E + 128*R*M + R*M*(384 + 2H) + R*M*(meta + 2H) + E*M*2H), each term rounded
+    up to 128 bytes: flags, counts, top-k weights, one dispatch slot per (rank, token) (the largest
+    message: top-32 header with weights, bf16 row), one combine slot per (rank, token) (meta =
+    16 x ceil(4 x floor(H / 128) / 16) bytes of LogFMT group statistics, bf16 row), the zero-copy
+    combine rows.
     """
     return size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
@@ -115,32 +127,47 @@ class LowLatencyBuffer:
                              num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
                              dispatch_wait_recv_cost_stats: torch.Tensor | None = None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False):
+                             return_recv_hook: bool = False, topk_weights: torch.Tensor | None = None):
         """Send each token to the ranks of its top-k experts; returns (recv_x, recv_count, handle, event, hook).
 
+        x: bf16 [T, H]; H a multiple of 8 (rows a multiple of 16 bytes), of 128 with use_fp8.
         recv_x: bf16 [L, R*M, H], or (fp8 [L, R*M, H], scales) with fp32 scales [L, R*M, H/128] or, with
         use_ue8m0, int32 [L, R*M, ceil(H/512)] (4 UE8M0 bytes each); the scales' last two dimensions are
         column-major. Only the first recv_count[l] rows of expert l are valid, ordered by source rank,
-        then by token index at the source. handle = (src_info [L, R*M] int32, layout_range [L, R] int64
-        = (begin << 32) | count, M, H, E, token_rows [R, M, K] int32, recv_tokens [R] int32): DeepEP's
-        five fields, then where each received token's copies went (for combine).
+        then by token index at the source. handle: a LowLatencyHandle, DeepEP's five fields
+        (src_info [L, R*M] int32, layout_range [L, R] int64 = (begin << 32) | count, M, H, E) as a
+        tuple, carrying token_rows [R, M, K] int32 (where each received token's copies went),
+        recv_tokens [R] int32 and token_weights as attributes (for combine).
         dispatch_wait_recv_cost_stats ([R] int64) accumulates the nanoseconds spent waiting for each
         source rank.
+
+        topk_weights (an epkern extension, after DeepEP's parameters): fp32 [T, K], the weights the
+        combine of this handle will apply. They travel with the tokens (K fp32 more in each message's
+        header, padded to 16 bytes: 32 bytes at top-8, +0.43% of an FP8 message at hidden 7168) and stay
+        in the handle (token_weights [R, M, K]), so combine's send half waits for no other rank and
+        the result is the same bit for bit. Every rank must pass them alike (as every other option).
         """
         M = num_max_dispatch_tokens_per_rank
         check_positive_int("num_max_dispatch_tokens_per_rank", M)
         self._check_experts(num_experts)
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device)
         num_tokens, hidden = x.shape
-        if hidden % 128:
-            raise ValueError(f"x: hidden={hidden} must be a multiple of 128")
+        if use_fp8 and hidden % 128:
+            raise ValueError(f"x: hidden={hidden} must be a multiple of 128 with use_fp8=True (128-channel scale groups)")
+        if hidden % 8 or hidden == 0:
+            raise ValueError(f"x: hidden={hidden} must be a multiple of 8 (rows a multiple of 16 bytes)")
         self._check_topk(topk_idx, num_tokens, num_experts, M)
+        carry = topk_weights is not None
+        if carry:
+            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), ndim=2,
+                         device=self.device)
         L, R = num_experts // self.num_ranks, self.num_ranks
         self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, L, torch.int32)
         self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, R, torch.int64)
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook cannot both be set")
-        spec = LowLatencySpec(dispatch_kind(use_fp8, round_scale, use_ue8m0), hidden, R, num_experts, topk_idx.shape[1])
+        spec = LowLatencySpec(dispatch_kind(use_fp8, round_scale, use_ue8m0), hidden, R, num_experts, topk_idx.shape[1],
+                              carry_weights=carry)
         layout = self._layout(M, hidden, num_experts)
         idx = self._next_buffer()
 
@@ -157,6 +184,7 @@ class LowLatencyBuffer:
         src_info = torch.empty(L, R * M, dtype=torch.int32, device=dev)
         layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
         token_rows = torch.empty(R, M, topk_idx.shape[1], dtype=torch.int32, device=dev)
+        token_weights = torch.empty(R, M, topk_idx.shape[1], dtype=torch.float32, device=dev) if carry else None
         recv_tokens = torch.empty(R, dtype=torch.int32, device=dev)
 
         hook = launch_dispatch(
@@ -165,16 +193,19 @@ class LowLatencyBuffer:
             epoch_counter=self.epochs[2 * idx:], send_ticket=self.tickets[2 * idx:], recv_x=recv_x,
             recv_scales=recv_scales, recv_count=recv_count, src_info=src_info, layout_range=layout_range,
             token_rows=token_rows, recv_tokens=recv_tokens, cumulative_stats=cumulative_local_expert_recv_stats,
-            wait_stats=dispatch_wait_recv_cost_stats, with_hook=return_recv_hook)
-        handle = (src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens)
-        event = EventOverlap.record(extra_tensors=(x, topk_idx, recv_x, recv_scales, recv_count, src_info,
-                                                   layout_range, token_rows, recv_tokens)) \
+            wait_stats=dispatch_wait_recv_cost_stats, with_hook=return_recv_hook, topk_weights=topk_weights,
+            token_weights=token_weights)
+        handle = LowLatencyHandle(src_info, layout_range, M, hidden, num_experts, token_rows=token_rows,
+                                  recv_tokens=recv_tokens, token_weights=token_weights)
+        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, recv_x, recv_scales, recv_count, src_info,
+                                                   layout_range, token_rows, token_weights, recv_tokens)) \
             if async_finish else EventOverlap()
         packed = (recv_x, recv_scales) if use_fp8 else recv_x
         return packed, recv_count, handle, event, hook
 
     # -- combine -------------------------------------------------------------------------------------
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                            handle: tuple,
                             use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out: torch.Tensor | None = None,
                             combine_wait_recv_cost_stats: torch.Tensor | None = None):
@@ -185,10 +216,24 @@ class LowLatencyBuffer:
         roundings, as in normal-mode combine). x: bf16 [L, R*M, H] (ignored with zero_copy: the rows
         were written into get_next_low_latency_combine_buffer(handle)). topk_idx and topk_weights
         must be those of the dispatch that made the handle. Returns (combined_x [T, H] bf16, event, hook).
+        handle: the LowLatencyHandle low_latency_dispatch returned (a rebuilt tuple is refused).
+
+        Without weights carried by dispatch, the send half waits until every rank has started its
+        combine (it needs their top-k weights). With a handle from low_latency_dispatch(...,
+        topk_weights=w), combine applies w, its send half waits for no rank, and topk_weights may be
+        None (if given, it must equal w: it is checked for shape only).
+
+        use_logfmt: the partial rows travel as LogFMT-10 (DeepEP's format: per 128 channels, a sign
+        and a 9-bit code on a log2 grid from the group's amin, clipped at 2^-32 amax, to its amax;
+        groups with amax >= 1 and the hidden % 128 tail channels stay bf16; 160 bytes per encoded
+        group instead of 256, plus 4 bytes of group statistics). Error per value of an encoded
+        partial row: |decoded - x| <= (eps + 2^-14) * |x| + 2^-32 * amax(group), eps = (2^s - 1) / (2^s + 1)
+        for the group's step s = log2(amax / amin) / 510, at most 0.0218 (0.0054 for a range of 2^8);
+        the receiver then adds the partial rows in fp32 and rounds to bf16 as without it.
+        epkern.low_latency.logfmt is the CPU reference.
         """
-        if use_logfmt:
-            raise ValueError("use_logfmt=True is not supported: combine sends bf16 rows over NVLink")
-        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens = self._check_handle(handle)
+        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights = \
+            self._check_handle(handle)
         L, R = num_experts // self.num_ranks, self.num_ranks
         if not zero_copy:
             check_tensor("x", x, dtype=torch.bfloat16, shape=(L, R * M, hidden), ndim=3, device=self.device)
@@ -196,14 +241,18 @@ class LowLatencyBuffer:
         num_tokens, num_topk = topk_idx.shape
         if token_rows.shape[2] != num_topk:
             raise ValueError(f"topk_idx: {num_topk} columns, the dispatch that made the handle had {token_rows.shape[2]}")
-        check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), ndim=2,
-                     device=self.device)
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), ndim=2,
+                         device=self.device)
+        elif token_weights is None:
+            raise ValueError("topk_weights: None needs a handle whose dispatch carried the weights "
+                             "(low_latency_dispatch(..., topk_weights=...))")
         if out is not None:
             check_tensor("out", out, dtype=torch.bfloat16, shape=(num_tokens, hidden), ndim=2, device=self.device)
         self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, R, torch.int64)
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook cannot both be set")
-        spec = LowLatencySpec("combine", hidden, R, num_experts, num_topk)
+        spec = LowLatencySpec("combine_logfmt" if use_logfmt else "combine", hidden, R, num_experts, num_topk)
         layout = self._layout(M, hidden, num_experts)
         idx = self._next_buffer()
         source = self._send_region(layout, idx, L, R * M, hidden) if zero_copy else x
@@ -214,16 +263,16 @@ class LowLatencyBuffer:
             topk_weights=topk_weights, topk_idx=topk_idx, out=combined, rank=self.rank, ptr_table=self.peer.ptr_table,
             local_base=self.peer.local_ptr, mask=self.mask, timeout_ns=self.timeout_ns,
             epoch_counter=self.epochs[2 * idx + 1:], send_ticket=self.tickets[2 * idx + 1:],
-            wait_stats=combine_wait_recv_cost_stats, with_hook=return_recv_hook)
-        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, recv_tokens, combined)) \
+            wait_stats=combine_wait_recv_cost_stats, with_hook=return_recv_hook, carried_weights=token_weights)
+        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, token_weights, recv_tokens,
+                                                   combined)) \
             if async_finish else EventOverlap()
         return combined, event, hook
 
     def _check_handle(self, handle):
-        if not isinstance(handle, tuple) or len(handle) != 7:
-            raise ValueError("handle: expected the 7-tuple (src_info, layout_range, M, hidden, num_experts, "
-                             "token_rows, recv_tokens) returned by low_latency_dispatch")
-        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens = handle
+        handle = as_handle(handle)
+        src_info, layout_range, M, hidden, num_experts = handle
+        token_rows, recv_tokens, token_weights = handle.token_rows, handle.recv_tokens, handle.token_weights
         check_positive_int("handle M", M)
         self._check_experts(num_experts)
         L, R = num_experts // self.num_ranks, self.num_ranks
@@ -233,14 +282,17 @@ class LowLatencyBuffer:
         if token_rows.shape[:2] != (R, M):
             raise ValueError(f"handle token_rows: shape {tuple(token_rows.shape)}, expected ({R}, {M}, K)")
         check_tensor("handle recv_tokens", recv_tokens, dtype=torch.int32, shape=(R,), ndim=1, device=self.device)
-        return src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens
+        if token_weights is not None:
+            check_tensor("handle token_weights", token_weights, dtype=torch.float32, shape=tuple(token_rows.shape),
+                         ndim=3, device=self.device)
+        return src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights
 
     def _send_region(self, layout: BufferLayout, idx: int, L: int, rows: int, hidden: int) -> torch.Tensor:
         return self.peer.view(self.rank, layout.send(idx), (L, rows, hidden), torch.bfloat16)
 
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
         """The bf16 [L, R*M, H] send buffer the next combine reads when called with zero_copy=True."""
-        _, _, M, hidden, num_experts, _, _ = self._check_handle(handle)
+        _, _, M, hidden, num_experts, *_ = self._check_handle(handle)
         layout = self._layout(M, hidden, num_experts)
         return self._send_region(layout, self.buffer_idx, num_experts // self.num_ranks, self.num_ranks * M, hidden)
 

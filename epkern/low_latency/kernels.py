@@ -1,8 +1,12 @@
 """Low-latency kernels: the specs, the peer-buffer layout, the sizes both sides agree on, the launchers.
 
 One LowLatencySpec per (kind, hidden, ranks, experts, top-k); kind is a dispatch format (bf16, fp8,
-fp8_round, fp8_ue8m0; templates/low_latency_dispatch.cu.j2) or "combine"
-(templates/low_latency_combine.cu.j2). The device barrier has its own spec, on the rank count only
+fp8_round, fp8_ue8m0; templates/low_latency_dispatch.cu.j2) or a combine row format: "combine" (bf16)
+or "combine_logfmt" (LogFMT-10, epkern/low_latency/logfmt.py; templates/low_latency_combine.cu.j2).
+A dispatch spec with carry_weights=True also puts the token's top-k weights in every message (K fp32
+more in the header, padded to 16 bytes), so that combine exchanges no weights. bf16 rows may be any
+multiple of 16 bytes (hidden % 8 == 0); FP8 needs whole 128-channel groups. The device barrier has
+its own spec, on the rank count only
 (templates/low_latency_barrier.cu.j2). The token count and the maximum tokens per rank M are
 run-time kernel arguments: changing them compiles nothing. Every size the templates use (slots,
 headers, messages, flag arrays, limits) is computed here and handed to them; each entry point's
@@ -14,8 +18,11 @@ import dataclasses
 
 from epkern.codegen import KernelParams, KernelSpec, check_choice, check_int, get_module
 
+from . import logfmt
+
 DISPATCH_KINDS = ("bf16", "fp8", "fp8_round", "fp8_ue8m0")
-KINDS = DISPATCH_KINDS + ("combine",)
+COMBINE_KINDS = ("combine", "combine_logfmt")
+KINDS = DISPATCH_KINDS + COMBINE_KINDS
 MAX_RANKS = 64
 MAX_TOPK = 32
 MAX_EXPERTS = 8192
@@ -47,11 +54,16 @@ class LowLatencySpec(KernelSpec):
     num_experts: int
     num_topk: int
     threads: int = 512
+    carry_weights: bool = False   # dispatch only: the top-k weights travel in the message header
 
     def validate(self) -> None:
         n = type(self).__name__
         check_choice(n, "kind", self.kind, KINDS)
-        check_int(n, "hidden", self.hidden, 128, 1 << 16, multiple_of=128)
+        # bf16 rows of any multiple of 16 bytes; FP8 casts whole 128-channel groups
+        check_int(n, "hidden", self.hidden, 8, 1 << 16, multiple_of=128 if self.use_fp8 else 8)
+        if not isinstance(self.carry_weights, bool) or (self.carry_weights and self.is_combine):
+            raise ValueError(f"{n}.carry_weights={self.carry_weights!r}: a bool, True for dispatch kinds only "
+                             "(combine reads the weights a dispatch carried from the handle)")
         check_int(n, "num_ranks", self.num_ranks, 1, MAX_RANKS)
         check_int(n, "num_experts", self.num_experts, self.num_ranks, MAX_EXPERTS, multiple_of=self.num_ranks)
         check_int(n, "num_topk", self.num_topk, 1, MAX_TOPK)
@@ -62,27 +74,37 @@ class LowLatencySpec(KernelSpec):
         return self.kind.startswith("fp8")
 
     @property
+    def is_combine(self) -> bool:
+        return self.kind in COMBINE_KINDS
+
+    @property
     def template(self) -> str:
-        return "low_latency_combine.cu.j2" if self.kind == "combine" else "low_latency_dispatch.cu.j2"
+        return "low_latency_combine.cu.j2" if self.is_combine else "low_latency_dispatch.cu.j2"
 
     def template_vars(self):
         v = dict(hidden=self.hidden, num_ranks=self.num_ranks, num_experts=self.num_experts, num_topk=self.num_topk,
                  threads=self.threads, max_ranks=MAX_RANKS, max_topk=MAX_TOPK, slot_bytes=slot_bytes(self.hidden),
                  header_bytes=self.header_bytes, flags_dispatch=FLAGS_DISPATCH, flags_combine=FLAGS_COMBINE,
                  flags_weights=FLAGS_WEIGHTS)
-        if self.kind != "combine":
+        if self.is_combine:
+            v.update(combine_slot_bytes=combine_slot_bytes(self.hidden), logfmt=self.kind == "combine_logfmt",
+                     logfmt_meta_bytes=logfmt.meta_bytes(self.hidden))
+        else:
             v.update(use_fp8=self.use_fp8, round_scale=self.kind in ("fp8_round", "fp8_ue8m0"),
                      use_ue8m0=self.kind == "fp8_ue8m0", payload_bytes=self.payload_bytes,
-                     scale_bytes=self.scale_bytes, message_bytes=self.message_bytes)
+                     scale_bytes=self.scale_bytes, message_bytes=self.message_bytes,
+                     carry_weights=self.carry_weights)
         return v
 
     def name_fields(self) -> str:
-        return f"{self.kind}_h{self.hidden}_r{self.num_ranks}_e{self.num_experts}_k{self.num_topk}"
+        return (f"{self.kind}_h{self.hidden}_r{self.num_ranks}_e{self.num_experts}_k{self.num_topk}"
+                + ("_w" if self.carry_weights else ""))
 
     @property
     def header_bytes(self) -> int:
-        """Dispatch message header: the token's K expert ids and K slots (int32), padded to 16 bytes."""
-        return header_bytes(self.num_topk)
+        """Dispatch message header: the token's K expert ids and K slots (int32), then with
+        carry_weights its K top-k weights (fp32), padded to 16 bytes."""
+        return header_bytes(self.num_topk, self.carry_weights)
 
     @property
     def payload_bytes(self) -> int:
@@ -134,22 +156,31 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def header_bytes(num_topk: int) -> int:
-    return 16 * -(-8 * num_topk // 16)
+def header_bytes(num_topk: int, carry_weights: bool = False) -> int:
+    return 16 * -(-(12 if carry_weights else 8) * num_topk // 16)
 
 
 def slot_bytes(hidden: int) -> int:
-    """One receive slot: the largest dispatch message (bf16, top-32 header); holds a combine row too."""
-    return header_bytes(MAX_TOPK) + 2 * hidden
+    """One dispatch receive slot: the largest dispatch message (bf16, top-32 header with weights)."""
+    return header_bytes(MAX_TOPK, True) + 2 * hidden
+
+
+def combine_slot_bytes(hidden: int) -> int:
+    """One combine receive slot: the largest combine row (LogFMT meta, then every group as bf16)."""
+    return logfmt.message_bytes(hidden)
 
 
 @dataclasses.dataclass(frozen=True)
 class BufferLayout:
     """Byte offsets inside each rank's peer buffer for (M, hidden, ranks, experts); two buffers alternate.
 
-    [barrier counters][buffer 0][buffer 1]; each buffer is
-    [flags 3 x R uint64][counts E int32][weights R x M x 32 fp32][recv R x M slots][send L x R*M x H bf16]
-    (the send region is the zero-copy combine source, get_next_low_latency_combine_buffer).
+    [barrier counters][buffer 0][buffer 1]; each buffer is [flags 3 x R uint64][counts E int32]
+    [weights R x M x 32 fp32][recv R x M dispatch slots][combine recv R x M combine slots]
+    [send L x R*M x H bf16] (the send region is the zero-copy combine source,
+    get_next_low_latency_combine_buffer). Combine rows land apart from dispatch messages: a combine
+    sent before a slow peer has read our dispatch messages of the same buffer (weights carried: the
+    send waits for nobody; two micro-batches: dispatch a, dispatch b, combine a) cannot overwrite
+    them, and a dispatch cannot overwrite combine rows of the call before that a peer has not read.
     """
 
     max_tokens: int
@@ -174,12 +205,17 @@ class BufferLayout:
         return _align(self.num_ranks * self.max_tokens * slot_bytes(self.hidden))
 
     @property
+    def combine_recv_bytes(self) -> int:
+        return _align(self.num_ranks * self.max_tokens * combine_slot_bytes(self.hidden))
+
+    @property
     def send_bytes(self) -> int:
         return _align(self.num_experts * self.max_tokens * 2 * self.hidden)
 
     @property
     def buffer_bytes(self) -> int:
-        return self.flags_bytes + self.counts_bytes + self.weights_bytes + self.recv_bytes + self.send_bytes
+        return (self.flags_bytes + self.counts_bytes + self.weights_bytes + self.recv_bytes + self.combine_recv_bytes
+                + self.send_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -197,8 +233,11 @@ class BufferLayout:
     def recv(self, idx: int) -> int:
         return self.weights(idx) + self.weights_bytes
 
-    def send(self, idx: int) -> int:
+    def combine_recv(self, idx: int) -> int:
         return self.recv(idx) + self.recv_bytes
+
+    def send(self, idx: int) -> int:
+        return self.combine_recv(idx) + self.combine_recv_bytes
 
 
 def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -217,8 +256,9 @@ def max_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, num_expert
     if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
         raise ValueError(f"num_bytes={num_bytes!r}: expected an int >= 0")
     fixed = BufferLayout(0, hidden, num_ranks, num_experts).total_bytes
-    # per token and buffer: weights, a recv slot per rank, the send rows; alignment only adds
-    per_token = 2 * (num_ranks * (4 * MAX_TOPK + slot_bytes(hidden)) + num_experts * 2 * hidden)
+    # per token and buffer: weights, a dispatch and a combine slot per rank, the send rows; alignment only adds
+    per_token = 2 * (num_ranks * (4 * MAX_TOPK + slot_bytes(hidden) + combine_slot_bytes(hidden))
+                     + num_experts * 2 * hidden)
     m = min(MAX_DISPATCH_TOKENS, max(0, (num_bytes - fixed) // per_token))
     while m > 0 and BufferLayout(m, hidden, num_ranks, num_experts).total_bytes > num_bytes:
         m -= 1
@@ -235,17 +275,20 @@ def deployment_skips(deployment) -> list[str]:
 
 
 def deployment_specs(deployment) -> list[KernelSpec]:
-    """Every low-latency kernel a deployment needs: four dispatch formats, combine and the barrier per EP size.
+    """Every low-latency kernel a deployment needs per EP size: the dispatch formats with and without
+    carried weights, both combine row formats, and the barrier.
 
-    None when the shape is outside what low-latency mode supports (hidden a multiple of 128,
-    at most 64 ranks, top-k at most 32): such a deployment uses the normal mode only."""
-    if deployment.hidden % 128 or deployment.num_topk > MAX_TOPK:
+    bf16 dispatch and combine for any hidden % 8 == 0, FP8 when hidden % 128 == 0; none past 64 ranks
+    or top-32 (such a deployment uses the normal mode only)."""
+    if deployment.hidden % 8 or deployment.num_topk > MAX_TOPK:
         return []
+    kinds = [k for k in DISPATCH_KINDS if deployment.hidden % 128 == 0 or not k.startswith("fp8")]
     specs: list[KernelSpec] = []
     for r in deployment.ep_sizes:
         if r <= MAX_RANKS:
-            specs += [LowLatencySpec(kind, deployment.hidden, r, deployment.num_experts, deployment.num_topk)
-                      for kind in KINDS]
+            shape = (deployment.hidden, r, deployment.num_experts, deployment.num_topk)
+            specs += [LowLatencySpec(k, *shape, carry_weights=c) for k in kinds for c in (False, True)]
+            specs += [LowLatencySpec(k, *shape) for k in COMBINE_KINDS]
             specs.append(BarrierSpec(r))
     return specs
 
@@ -253,24 +296,25 @@ def deployment_specs(deployment) -> list[KernelSpec]:
 # -- launchers ----------------------------------------------------------------------------------
 # Each entry point's parameters, in the order of its template's signature.
 DISPATCH_SEND_PARAMS = KernelParams(
-    "send", "x topk_idx num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 recv_off:i64 "
+    "send", "x topk_idx topk_weights num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 recv_off:i64 "
     "mask epoch_counter send_ticket")
 DISPATCH_RECV_PARAMS = KernelParams(
-    "recv", "recv_x recv_scales recv_count src_info layout_range token_rows recv_tokens cumulative_stats wait_stats "
+    "recv", "recv_x recv_scales recv_count src_info layout_range token_rows token_weights recv_tokens "
+    "cumulative_stats wait_stats "
     "max_tokens:i32 rank:i32 local_base:u64 flags_off:i64 counts_off:i64 recv_off:i64 mask timeout_ns:u64 "
     "epoch_counter")
 DISPATCH_SEND_RECV_PARAMS = KernelParams(
-    "send_recv", "x topk_idx num_tokens:i32 recv_x recv_scales recv_count src_info layout_range token_rows "
-    "recv_tokens cumulative_stats wait_stats max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 "
+    "send_recv", "x topk_idx topk_weights num_tokens:i32 recv_x recv_scales recv_count src_info layout_range "
+    "token_rows token_weights recv_tokens cumulative_stats wait_stats max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 "
     "recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket")
 COMBINE_SEND_PARAMS = KernelParams(
-    "send", "x token_rows recv_tokens topk_weights num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 "
+    "send", "x token_rows recv_tokens topk_weights carried_weights num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 "
     "weights_off:i64 recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket")
 COMBINE_RECV_PARAMS = KernelParams(
     "recv", "out topk_idx num_tokens:i32 max_tokens:i32 local_base:u64 flags_off:i64 recv_off:i64 mask "
     "timeout_ns:u64 epoch_counter wait_stats")
 COMBINE_SEND_RECV_PARAMS = KernelParams(
-    "send_recv", "x token_rows recv_tokens topk_weights topk_idx out num_tokens:i32 max_tokens:i32 rank:i32 "
+    "send_recv", "x token_rows recv_tokens topk_weights carried_weights topk_idx out num_tokens:i32 max_tokens:i32 rank:i32 "
     "ptr_table flags_off:i64 weights_off:i64 recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket wait_stats")
 BARRIER_PARAMS = KernelParams("barrier", "ptr_table barrier_off:i64 rank:i32 epoch mask timeout_ns:u64")
 PARAMS = {"dispatch": (DISPATCH_SEND_PARAMS, DISPATCH_RECV_PARAMS, DISPATCH_SEND_RECV_PARAMS),
@@ -281,24 +325,28 @@ PARAMS = {"dispatch": (DISPATCH_SEND_PARAMS, DISPATCH_RECV_PARAMS, DISPATCH_SEND
 def launch_dispatch(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sms: int, *, x, topk_idx, rank,
                     ptr_table, local_base, mask, timeout_ns, epoch_counter, send_ticket, recv_x, recv_scales,
                     recv_count, src_info, layout_range, token_rows, recv_tokens, cumulative_stats, wait_stats,
-                    with_hook: bool):
+                    with_hook: bool, topk_weights=None, token_weights=None):
     """Dispatch through buffer idx of layout: one send_recv launch of num_sms blocks and None, or
-    (with_hook) the send launch now and the receive launch returned as the hook."""
+    (with_hook) the send launch now and the receive launch returned as the hook. topk_weights and
+    token_weights: tensors with spec.carry_weights, else None."""
+    if spec.carry_weights != (topk_weights is not None) or spec.carry_weights != (token_weights is not None):
+        raise ValueError(f"{spec.name}: topk_weights and token_weights are given exactly when the spec carries weights")
     module = get_module(spec, x.device.index)
     num_tokens, max_tokens = x.shape[0], layout.max_tokens
     offsets = dict(flags_off=layout.flags(idx), counts_off=layout.counts(idx), recv_off=layout.recv(idx))
     outputs = dict(recv_x=recv_x, recv_scales=recv_scales, recv_count=recv_count, src_info=src_info,
-                   layout_range=layout_range, token_rows=token_rows, recv_tokens=recv_tokens,
-                   cumulative_stats=cumulative_stats, wait_stats=wait_stats)
+                   layout_range=layout_range, token_rows=token_rows, token_weights=token_weights,
+                   recv_tokens=recv_tokens, cumulative_stats=cumulative_stats, wait_stats=wait_stats)
     if not with_hook:
         module.launch("send_recv", num_sms, spec.threads, *DISPATCH_SEND_RECV_PARAMS.pack(
-            x=x, topk_idx=topk_idx, num_tokens=num_tokens, **outputs, max_tokens=max_tokens, rank=rank,
+            x=x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens=num_tokens, **outputs, max_tokens=max_tokens,
+            rank=rank,
             ptr_table=ptr_table, **offsets, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter,
             send_ticket=send_ticket), smem=max(spec.send_smem, spec.recv_smem))
         return None
     module.launch("send", max(1, min(num_tokens, num_sms)), spec.threads, *DISPATCH_SEND_PARAMS.pack(
-        x=x, topk_idx=topk_idx, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank, ptr_table=ptr_table,
-        **offsets, mask=mask, epoch_counter=epoch_counter, send_ticket=send_ticket), smem=spec.send_smem)
+        x=x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank,
+        ptr_table=ptr_table, **offsets, mask=mask, epoch_counter=epoch_counter, send_ticket=send_ticket), smem=spec.send_smem)
     recv_args = DISPATCH_RECV_PARAMS.pack(**outputs, max_tokens=max_tokens, rank=rank, local_base=local_base,
                                           **offsets, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter)
 
@@ -309,21 +357,23 @@ def launch_dispatch(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sm
 
 def launch_combine(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sms: int, *, x, token_rows,
                    recv_tokens, topk_weights, topk_idx, out, rank, ptr_table, local_base, mask, timeout_ns,
-                   epoch_counter, send_ticket, wait_stats, with_hook: bool):
+                   epoch_counter, send_ticket, wait_stats, with_hook: bool, carried_weights=None):
     """Combine through buffer idx of layout: one send_recv launch of num_sms blocks and None, or
-    (with_hook) the send launch now and the receive launch returned as the hook."""
+    (with_hook) the send launch now and the receive launch returned as the hook. carried_weights:
+    the handle's token_weights (the send then exchanges and waits for no weights), or None."""
     module = get_module(spec, out.device.index)
     num_tokens, max_tokens = topk_idx.shape[0], layout.max_tokens
-    flags_off, recv_off = layout.flags(idx), layout.recv(idx)
+    flags_off, recv_off = layout.flags(idx), layout.combine_recv(idx)
     if not with_hook:
         module.launch("send_recv", num_sms, spec.threads, *COMBINE_SEND_RECV_PARAMS.pack(
-            x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights, topk_idx=topk_idx,
-            out=out, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank, ptr_table=ptr_table,
+            x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights,
+            carried_weights=carried_weights, topk_idx=topk_idx, out=out, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank, ptr_table=ptr_table,
             flags_off=flags_off, weights_off=layout.weights(idx), recv_off=recv_off, mask=mask, timeout_ns=timeout_ns,
             epoch_counter=epoch_counter, send_ticket=send_ticket, wait_stats=wait_stats))
         return None
     module.launch("send", num_sms, spec.threads, *COMBINE_SEND_PARAMS.pack(
-        x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights, num_tokens=num_tokens,
+        x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights,
+        carried_weights=carried_weights, num_tokens=num_tokens,
         max_tokens=max_tokens, rank=rank, ptr_table=ptr_table, flags_off=flags_off, weights_off=layout.weights(idx),
         recv_off=recv_off, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter, send_ticket=send_ticket))
     recv_args = COMBINE_RECV_PARAMS.pack(out=out, topk_idx=topk_idx, num_tokens=num_tokens, max_tokens=max_tokens,
