@@ -8,7 +8,7 @@
 | EPKERN_VERBOSE | 1 = log compiles and cache hits to stderr | 0 |
 | EPKERN_NVRTC_EXTRA_OPTIONS | extra NVRTC options, space separated (part of the cache key) | "" |
 | EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising | 100 |
-| EPKERN_CHECK_VALUES | 1 = check index values (expert ids in range) before launch; costs one host sync; skipped during CUDA-graph capture | 1 |
+| EPKERN_CHECK_VALUES | 1 = index values (expert ids) are checked on the device by the kernels that read them, raised at the next check (epkern.check_errors); 2 = also before launch on the host (one sync per call; skipped during CUDA-graph capture); 0 = off | 1 |
 """
 from __future__ import annotations
 
@@ -89,7 +89,20 @@ def peer_timeout_s() -> float:
 
 
 def check_values() -> bool:
-    return env_bool("EPKERN_CHECK_VALUES", True)
+    """Value checks of any kind (device-side or host-side) are on."""
+    return check_level() >= 1
+
+
+def check_level() -> int:
+    """EPKERN_CHECK_VALUES as a level: 0 off, 1 device-side (default), 2 device-side and host-side."""
+    return parse_check_level(os.environ.get("EPKERN_CHECK_VALUES"))
+
+
+@functools.lru_cache(maxsize=64)
+def parse_check_level(raw: str | None) -> int:
+    if raw is not None and raw.strip() == "2":
+        return 2
+    return int(_parse_bool("EPKERN_CHECK_VALUES", raw, True))
 
 
 def codegen_environment() -> dict[str, str]:

@@ -1,5 +1,6 @@
 """epkern: JIT-compiled expert-parallel kernels for Mixture-of-Experts on NVIDIA GPUs."""
 from .buffer import Buffer, Config
+from .errors import DeviceCheckError, check_errors
 from .events import EventOverlap
 from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 from .layout import get_dispatch_layout
@@ -8,7 +9,9 @@ from .low_latency import get_low_latency_rdma_size_hint, max_dispatch_tokens_for
 __all__ = [
     "Buffer",
     "Config",
+    "DeviceCheckError",
     "EventOverlap",
+    "check_errors",
     "get_dispatch_layout",
     "get_low_latency_rdma_size_hint",
     "max_dispatch_tokens_for_bytes",
