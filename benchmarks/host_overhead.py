@@ -132,14 +132,15 @@ class _FakeCode:
 
 
 @contextlib.contextmanager
-def cpu_stub(record: list | None = None):
+def cpu_stub(record: list | None = None, fused: bool = True):
     """Every wrapper's fast path on CPU tensors: get_module returns modules of fake kernels, each
     Launcher call goes to a hook (appending (kernel name, argument values) to `record` if given),
-    the stream is 0 and the error words are fake pointers. Plans are made with `seed_*` below."""
+    the stream is 0 and the error words are fake pointers; Planner.run plans take the one-kernel run if
+    `fused`, else the three kernels. Plans are made with `seed_*` below."""
     from epkern import errors, fp8, layout
     from epkern.codegen import launch
     from epkern.codegen.runtime import LoadedModule
-    from epkern.solver import ipm_kernel, map_kernel, planner
+    from epkern.solver import ipm_kernel, map_kernel, planner, run_kernel
 
     def get_module(spec, device=None, arch=None):
         return LoadedModule(spec, "sm_90a", 0 if device is None or device < 0 else device, _FakeCode())
@@ -148,13 +149,15 @@ def cpu_stub(record: list | None = None):
         if record is not None:
             record.append((launcher.name, values))
 
-    saved = [(m, name, getattr(m, name)) for m in (fp8, layout, ipm_kernel, map_kernel) for name in ("get_module",)]
+    saved = [(m, "get_module", m.get_module) for m in (fp8, layout, ipm_kernel, map_kernel, run_kernel)]
+    saved.append((run_kernel, "fits", run_kernel.fits))
     saved += [(m, "_raw_stream", getattr(m, "_raw_stream")) for m in (fp8, layout, planner)]
     saved += [(fp8, "_grid", fp8._grid), (errors, "site", errors.site), (map_kernel, "current_stream_handle",
                                                                          map_kernel.current_stream_handle),
               (ipm_kernel, "current_stream_handle", ipm_kernel.current_stream_handle)]
-    for m in (fp8, layout, ipm_kernel, map_kernel):
+    for m in (fp8, layout, ipm_kernel, map_kernel, run_kernel):
         m.get_module = get_module
+    run_kernel.fits = lambda spec, device, n_sms, n_group: fused
     for m in (fp8, layout, planner):
         m._raw_stream = lambda device: 0
     map_kernel.current_stream_handle = ipm_kernel.current_stream_handle = lambda device: 0
@@ -229,6 +232,8 @@ def seed_run(planner, idx, counter, n_sms=132):
     buffers.objective = torch.zeros(plan.n_group)
     buffers.status, buffers.iterations = buffers.stats[:, 0], buffers.stats[:, 1]
     buffers.stats_ptr = buffers.objective_ptr = 0
+    buffers.run_zeros = buffers.ticket
+    buffers.totals_ptr = buffers.sync_ptr = 0
     plan.buffers[0] = buffers
     key = ("run", idx.shape, idx.stride(), idx.dtype, idx.get_device(), counter.shape, counter.dtype,
            counter.get_device(), None, type(None), level)
@@ -254,6 +259,13 @@ def cpu_main() -> None:
             samples.append((time.perf_counter() - start) / calls * 1e6)
         return summarize(samples)["median_us"]
 
+    for fused in (True, False):
+        with cpu_stub(fused=fused):
+            planner = Planner(cube_8p2e(), 256 + 16, 256, 8)
+            idx, counter = torch.randint(0, 256, (4096, 8)), torch.zeros(1, dtype=torch.int32)
+            seed_run(planner, idx, counter)
+            name = f"Planner.run 4096x8 cube EP8 ({'one kernel' if fused else 'three kernels'})"
+            print(f"{name:<40} {per_call(lambda: planner.run(idx, counter)):6.2f} us per call (Python, launch stubbed)")
     with cpu_stub():
         x = torch.randn(128, 7168, dtype=torch.bfloat16)
         seed_cast(x)
@@ -261,9 +273,6 @@ def cpu_main() -> None:
         seed_cast_back(q, s)
         topk = torch.randint(0, 256, (128, 8))
         seed_layout(topk, 256, 8)
-        planner = Planner(cube_8p2e(), 256 + 16, 256, 8)
-        idx, counter = torch.randint(0, 256, (4096, 8)), torch.zeros(1, dtype=torch.int32)
-        seed_run(planner, idx, counter)
         empty = torch.empty(1)
         rows = {
             "torch fill_ (CPU, no launch)": lambda: empty.fill_(1.0),
@@ -271,7 +280,6 @@ def cpu_main() -> None:
             "per_token_cast_to_fp8 128x7168": lambda: epkern.per_token_cast_to_fp8(x),
             "per_token_cast_back 128x7168": lambda: epkern.per_token_cast_back(q, s),
             "get_dispatch_layout 128x8 E256 R8": lambda: epkern.get_dispatch_layout(topk, 256, 8),
-            "Planner.run 4096x8 cube EP8": lambda: planner.run(idx, counter),
         }
         for name, fn in rows.items():
             print(f"{name:<40} {per_call(fn):6.2f} us per call (Python, launch stubbed)")

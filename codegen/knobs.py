@@ -8,6 +8,7 @@
 | EPKERN_VERBOSE | 1 = log compiles and cache hits to stderr | 0 |
 | EPKERN_NVRTC_EXTRA_OPTIONS | extra NVRTC options, space separated (part of the cache key) | "" |
 | EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising | 100 |
+| EPKERN_LPLB_FUSED | 0 = Planner.run launches count, solve and map separately instead of one cooperative kernel | 1 |
 | EPKERN_CHECK_VALUES | 1 = index values (expert ids) are checked on the device by the kernels that read them, raised at the next check (epkern.check_errors); 2 = also before launch on the host (one sync per call; skipped during CUDA-graph capture); 0 = off | 1 |
 """
 from __future__ import annotations
@@ -103,6 +104,11 @@ def parse_check_level(raw: str | None) -> int:
     if raw is not None and raw.strip() == "2":
         return 2
     return int(_parse_bool("EPKERN_CHECK_VALUES", raw, True))
+
+
+def lplb_fused() -> bool:
+    """Planner.run as one cooperative kernel (solver/run_kernel.py) where it applies."""
+    return env_bool("EPKERN_LPLB_FUSED", True)
 
 
 def codegen_environment() -> dict[str, str]:

@@ -44,7 +44,8 @@ class IpmSpec(KernelSpec):
     def template_vars(self):
         return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
                     max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
-                    step_factor=repr(STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile)
+                    step_factor=repr(STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile,
+                    fused=False)
 
     def name_fields(self) -> str:
         return f"g{self.group_size}_d{self.dups}_c{self.combined}" + ("_prof" if self.profile else "")

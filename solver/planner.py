@@ -338,6 +338,10 @@ class _RunBuffers:
             if self.ticket is None:
                 self.ticket = map_kernel._tickets[key] = map_kernel.SelfResettingZeros(1, dev)
             self.ticket_ptr = self.ticket.tensor.data_ptr()
+            # the fused run's totals [E] and counters [4], left at zero by the kernel
+            self.run_zeros = map_kernel.SelfResettingZeros(E + 4, dev)
+            self.totals_ptr = self.run_zeros.tensor.data_ptr()
+            self.sync_ptr = self.totals_ptr + 4 * E
             self.probs = torch.empty(plan.n_group, plan.group_size, plan.dups, dtype=torch.float32, device=dev)
             self.probs_ptr = self.probs.data_ptr()
             self.gw = torch.empty(E, dtype=torch.float32, device=dev)
@@ -365,12 +369,17 @@ class _RunPlan:
         dev = self.device.index
         self.solve_launch = ipm_kernel.launcher(planner._spec(), dev, self.n_group)
         self.n_sms = n_sms
+        self.fused_launch = None
         if idx is not None:
             self.shape, self.numel = idx.shape, idx.numel()
             spec = map_kernel.MapSpec.for_experts(self.n_logical)
             self.count_launch = map_kernel.launcher(spec, dev, "count", n_sms)
             self.map_launch = map_kernel.launcher(spec, dev, "map", n_sms)
             self.err, self.err_any = map_kernel.count_site(dev, self.n_logical, level)
+            self.fused_launch = _fused_launcher(planner, dev, n_sms)
+            if self.fused_launch is not None and level >= 1:
+                self.err, self.err_any = errors.site(
+                    dev, f"Planner.run: idx ({self.fused_launch.name}) outside [-1, {self.n_logical})")
         self.buffers: dict = {}
 
     def valid(self, planner: Planner) -> bool:
@@ -387,10 +396,20 @@ class _RunPlan:
     def run(self, planner: Planner, idx: torch.Tensor, avail_counter: torch.Tensor) -> torch.Tensor:
         stream = _raw_stream(self.device.index)
         b = self.buffers.get(stream) or self._buffers(stream)
-        if not b.ticket.trusted:
-            b.ticket.get()
         out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
         idx_ptr = idx.data_ptr()
+        if self.fused_launch is not None:  # one cooperative kernel (solver/run_kernel.py)
+            zeros = b.run_zeros
+            if not zeros.trusted:
+                zeros.get()
+            self.fused_launch(stream, idx_ptr, self.numel, b.partials_ptr, b.totals_ptr, b.sync_ptr, self.phy2log_ptr,
+                              self.n_fixed, self.r2o_ptr, self.o2r_ptr, self.prev_ptr, b.probs_ptr, b.gw_ptr,
+                              avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr, self.n_group, self.log2var_ptr,
+                              self.log2phy_ptr, out.data_ptr(), self.err, self.err_any)
+            planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+            return out
+        if not b.ticket.trusted:
+            b.ticket.get()
         self.count_launch(stream, idx_ptr, self.numel, b.by_sm_ptr, b.partials_ptr, b.ticket_ptr, self.err,
                           self.err_any)
         self.solve_launch(stream, b.workload_ptr, self.n_logical, self.phy2log_ptr, self.n_fixed, self.r2o_ptr,
@@ -413,6 +432,25 @@ class _RunPlan:
                           avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr)
         planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
         return probs, global_workload
+
+
+def _fused_launcher(planner: Planner, device: int, n_sms: int):
+    """The one-kernel run (solver/run_kernel.py) where it applies: on (EPKERN_LPLB_FUSED, default 1), every
+    block resident at once, the kernel available (EPKERN_JIT=0 without it in the cache: the three kernels)."""
+    from epkern.codegen import MissingKernelError, knobs
+
+    from . import run_kernel
+
+    if not knobs.lplb_fused():
+        return None
+    spec = run_kernel.run_spec(planner.group_size, planner.num_redundants, planner.combined_redundant_experts,
+                               planner.n_logical_routed_experts)
+    try:
+        if not run_kernel.fits(spec, device, n_sms, planner.n_group):
+            return None
+        return run_kernel.launcher(spec, device, n_sms)
+    except (MissingKernelError, ValueError):
+        return None
 
 
 _raw_stream = current_stream_handle

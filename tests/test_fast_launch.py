@@ -106,7 +106,7 @@ def test_run_fast_path_launches_count_solve_map():
     from epkern.solver import Planner, cube_8p2e
 
     calls = []
-    with cpu_stub(calls):
+    with cpu_stub(calls, fused=False):
         planner = Planner(cube_8p2e(), 256 + 16, 256, 8)
         idx, counter = torch.randint(0, 256, (512, 8)), torch.zeros(1, dtype=torch.int32)
         plan = seed_run(planner, idx, counter, n_sms=16)
@@ -123,3 +123,22 @@ def test_run_fast_path_launches_count_solve_map():
         assert not plan.valid(planner)
         planner.run(idx, counter)  # CPU planner: the reference path
         assert len(calls) == 3
+
+
+def test_run_fast_path_one_kernel():
+    from epkern.solver import Planner, cube_8p2e
+    from epkern.solver.run_kernel import RUN_CODES
+
+    calls = []
+    with cpu_stub(calls, fused=True):
+        planner = Planner(cube_8p2e(), 256 + 64, 256, 32)
+        idx, counter = torch.randint(0, 256, (512, 8)), torch.zeros(1, dtype=torch.int32)
+        plan = seed_run(planner, idx, counter, n_sms=16)
+        out = planner.run(idx, counter)
+        assert [name for name, _ in calls] == [plan.fused_launch.name] and plan.fused_launch.cooperative
+        values = calls[0][1]
+        assert len(values) == len(RUN_CODES) == 21
+        assert values[:2] == (idx.data_ptr(), idx.numel()) and values[5] == planner.phy2log.data_ptr()
+        assert values[6] == planner.n_local_logical_routed_experts - 2 * planner.combined_redundant_experts
+        assert values[12] == counter.data_ptr() and values[15] == planner.n_group == 4
+        assert values[16:19] == (planner._log2var.data_ptr(), planner._log2phy.data_ptr(), out.data_ptr())
