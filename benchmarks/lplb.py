@@ -6,6 +6,7 @@ cuSolverDx); the goal here is <= 20 us for cube 8x2 on H200 with the exact LP op
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -115,9 +116,18 @@ def bench_count_map(bench: Bench, copy_bw: float) -> None:
         inputs = [torch.randint(-1, N_LOGICAL, (4096, 8), device="cuda") for _ in range(4)]
         config = {"tokens": 4096, "topk": 8, "n_sms": n_sms, "experts": N_LOGICAL, "ep": ep}
         graph = bench.time(lambda x: planner.run(x, counter), inputs, graph=True, calls_per_graph=CALLS)
-        bench.record(f"run cube8x2 EP{ep} 4096x8 (graph)", config, graph, extra={"goal_us": 20.0})
+        one_kernel = any(getattr(plan, "fused_launch", None) is not None for plan in planner._fast_plans().values())
+        bench.record(f"run cube8x2 EP{ep} 4096x8 (graph)", config, graph, extra={"goal_us": 20.0,
+                                                                                 "one_kernel": one_kernel})
         eager = bench.time(lambda x: planner.run(x, counter), inputs)
         bench.record(f"run cube8x2 EP{ep} 4096x8 (eager)", config, eager)
+        os.environ["EPKERN_LPLB_FUSED"] = "0"  # the three kernels, for comparison
+        try:
+            separate = make_planner(cube_8p2e, ep, 2, "cuda")
+            three = bench.time(lambda x: separate.run(x, counter), inputs, graph=True, calls_per_graph=CALLS)
+            bench.record(f"run cube8x2 EP{ep} 4096x8, three kernels (graph)", config, three)
+        finally:
+            os.environ.pop("EPKERN_LPLB_FUSED", None)
 
 
 def main() -> None:

@@ -159,8 +159,8 @@ class Launcher:
         if kernel_handle is not None:
             from cuda.bindings import driver
 
-            _check_param_sizes(driver, kernel_handle, name, codes)
-            self._fn = driver.CUfunction(int(kernel_handle))
+            self._fn = as_function(kernel_handle)
+            _check_param_sizes(driver, self._fn, name, codes)
 
     def __call__(self, stream: int, *values) -> None:
         with self._lock:
@@ -214,10 +214,24 @@ class LaunchError(RuntimeError):
 _CODE_SIZES = {"p": 8, "q": 8, "i": 4, "I": 4, "f": 4}
 
 
+def as_function(handle):
+    """The CUfunction of a kernel handle in the current context: a CUkernel (cuda.core's library
+    kernels) through cuKernelGetFunction, so every driver call (launch, cooperative launch, occupancy,
+    parameter info) gets the type it documents."""
+    from cuda.bindings import driver
+
+    if isinstance(handle, driver.CUkernel):
+        err, fn = driver.cuKernelGetFunction(handle)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise LaunchError(f"cuKernelGetFunction failed: {err}")
+        return fn
+    return handle if isinstance(handle, driver.CUfunction) else driver.CUfunction(int(handle))
+
+
 def _check_param_sizes(driver, handle, name: str, codes: str) -> None:
-    """Compare the codes with the kernel's own parameter list (cuKernelGetParamInfo, CUDA 12.4+; skipped
+    """Compare the codes with the kernel's own parameter list (cuFuncGetParamInfo, CUDA 12.4+; skipped
     where the driver has none): a wrong count or size would otherwise launch with garbage arguments."""
-    get = driver.cuKernelGetParamInfo if isinstance(handle, driver.CUkernel) else driver.cuFuncGetParamInfo
+    get = driver.cuFuncGetParamInfo
     sizes = []
     for i in range(len(codes) + 1):
         try:

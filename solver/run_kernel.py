@@ -73,10 +73,10 @@ def fits(spec: RunSpec, device: int, n_sms: int, n_group: int) -> bool:
     if per_sm is None:
         from cuda.bindings import driver
 
+        from epkern.codegen.launch import as_function
+
         module = get_module(spec, device)
-        kernel = module.entry("").kernel
-        handle = kernel.handle
-        fn = driver.CUfunction(int(handle))
+        fn = as_function(module.entry("").kernel.handle)
         err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, THREADS, spec.smem)
         per_sm = int(per_sm) if err == driver.CUresult.CUDA_SUCCESS else 0
         _resident[key] = per_sm
