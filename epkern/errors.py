@@ -41,8 +41,16 @@ def check_level() -> int:
     """EPKERN_CHECK_VALUES as 0, 1 or 2 (codegen.knobs.check_level), read cheaply on every call."""
     if _environ_data is not None and _ENV_KEY_ENCODED is not None:
         raw = _environ_data.get(_ENV_KEY_ENCODED)
-        return knobs.parse_check_level(None if raw is None else os.environ.decodevalue(raw))
+        level = _levels.get(raw)
+        if level is None:  # parsed once per raw value; a bad value raises every time (never stored)
+            level = knobs.parse_check_level(None if raw is None else os.environ.decodevalue(raw))
+            if len(_levels) < 64:
+                _levels[raw] = level
+        return level
     return knobs.check_level()
+
+
+_levels: dict = {}
 
 
 class _HostFlag:
