@@ -103,7 +103,11 @@ def check_level() -> int:
 def parse_check_level(raw: str | None) -> int:
     if raw is not None and raw.strip() == "2":
         return 2
-    return int(_parse_bool("EPKERN_CHECK_VALUES", raw, True))
+    try:
+        return int(_parse_bool("EPKERN_CHECK_VALUES", raw, True))
+    except ValueError:
+        raise ValueError(f"EPKERN_CHECK_VALUES={raw!r}: expected 0 (off), 1 (on the device, the default) or 2 "
+                         "(also on the host before each launch)") from None
 
 
 def lplb_fused() -> bool:
