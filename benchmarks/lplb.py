@@ -6,6 +6,7 @@ cuSolverDx); the goal here is <= 20 us for cube 8x2 on H200 with the exact LP op
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -109,6 +110,24 @@ def bench_count_map(bench: Bench, copy_bw: float) -> None:
         bench.record(f"map {tokens}x8", config, mapping, bytes_moved=ids * 16, floor_bw=copy_bw)
         full = bench.time(lambda x: planner.run(x, counter, n_sms), inputs, graph=True, calls_per_graph=CALLS)
         bench.record(f"run (count+solve+map) {tokens}x8", config, full)
+    # issue 13's goal: Planner.run <= 20 us of device time at 4096 x top-8, cube EP8 and EP32
+    for ep in (8, 32):
+        planner = make_planner(cube_8p2e, ep, 2, "cuda")
+        inputs = [torch.randint(-1, N_LOGICAL, (4096, 8), device="cuda") for _ in range(4)]
+        config = {"tokens": 4096, "topk": 8, "n_sms": n_sms, "experts": N_LOGICAL, "ep": ep}
+        graph = bench.time(lambda x: planner.run(x, counter), inputs, graph=True, calls_per_graph=CALLS)
+        one_kernel = any(getattr(plan, "fused_launch", None) is not None for plan in planner._fast_plans().values())
+        bench.record(f"run cube8x2 EP{ep} 4096x8 (graph)", config, graph, extra={"goal_us": 20.0,
+                                                                                 "one_kernel": one_kernel})
+        eager = bench.time(lambda x: planner.run(x, counter), inputs)
+        bench.record(f"run cube8x2 EP{ep} 4096x8 (eager)", config, eager)
+        os.environ["EPKERN_LPLB_FUSED"] = "0"  # the three kernels, for comparison
+        try:
+            separate = make_planner(cube_8p2e, ep, 2, "cuda")
+            three = bench.time(lambda x: separate.run(x, counter), inputs, graph=True, calls_per_graph=CALLS)
+            bench.record(f"run cube8x2 EP{ep} 4096x8, three kernels (graph)", config, three)
+        finally:
+            os.environ.pop("EPKERN_LPLB_FUSED", None)
 
 
 def main() -> None:

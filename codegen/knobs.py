@@ -10,7 +10,8 @@
 | EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising (finite, at most 86400) | 100 |
 | EPKERN_LOCK_TIMEOUT_S | seconds a process waits for another's compile of the same kernel before raising (naming the holder) | 600 |
 | EPKERN_RANKS_PER_NODE | ranks per node for multi-node EP (1 = each GPU its own node, for tests on one machine) | LOCAL_WORLD_SIZE, else host names |
-| EPKERN_CHECK_VALUES | 1 = check index values (expert ids in range) before launch; costs one host sync; skipped during CUDA-graph capture | 1 |
+| EPKERN_LPLB_FUSED | 0 = Planner.run launches count, solve and map separately instead of one cooperative kernel | 1 |
+| EPKERN_CHECK_VALUES | 1 = index values (expert ids) are checked on the device by the kernels that read them, raised at the next check (epkern.check_errors); 2 = also before launch on the host (one sync per call; skipped during CUDA-graph capture); 0 = off | 1 |
 """
 from __future__ import annotations
 
@@ -122,5 +123,27 @@ def ranks_per_node() -> int | None:
 
 
 def check_values() -> bool:
-    return env_bool("EPKERN_CHECK_VALUES", True)
+    """Value checks of any kind (device-side or host-side) are on."""
+    return check_level() >= 1
+
+
+def check_level() -> int:
+    """EPKERN_CHECK_VALUES as a level: 0 off, 1 device-side (default), 2 device-side and host-side."""
+    return parse_check_level(os.environ.get("EPKERN_CHECK_VALUES"))
+
+
+@functools.lru_cache(maxsize=64)
+def parse_check_level(raw: str | None) -> int:
+    if raw is not None and raw.strip() == "2":
+        return 2
+    try:
+        return int(_parse_bool("EPKERN_CHECK_VALUES", raw, True))
+    except ValueError:
+        raise ValueError(f"EPKERN_CHECK_VALUES={raw!r}: expected 0 (off), 1 (on the device, the default) or 2 "
+                         "(also on the host before each launch)") from None
+
+
+def lplb_fused() -> bool:
+    """Planner.run as one cooperative kernel (solver/run_kernel.py) where it applies."""
+    return env_bool("EPKERN_LPLB_FUSED", True)
 

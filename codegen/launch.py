@@ -147,3 +147,170 @@ class KernelParams:
         unknown = sorted(set(values) - set(self.names))
         return TypeError(f"kernel {self.entry!r}: missing arguments {missing}, unknown arguments {unknown}; "
                          f"expected {list(self.names)}")
+
+
+# ---- the fast launch: one prepared cuLaunchKernel per call signature ---------------------------------
+# cuda.core's launch re-reads the config and converts every argument on each call (~4 us on an H200
+# host). A Launcher does that work once: it holds the kernel's CUfunction, the grid, block and shared
+# memory, and an argument buffer whose void* array the driver reads; a call writes the values that
+# change (pointers, sizes) into the buffer with one struct.pack_into and calls cuLaunchKernel through
+# cuda.bindings with a cached CUstream. Argument codes, one per kernel parameter, each in an 8-byte slot:
+#   'p' a pointer (an int: tensor.data_ptr(), 0 for NULL), 'q' int64, 'i' int32, 'I' uint32, 'f' float32.
+_SLOT_FORMATS = {"p": "Q", "q": "q", "i": "i4x", "I": "I4x", "f": "f4x"}
+_custreams: dict = {}
+_driver_launch = None  # test hook: set_launch_hook replaces the driver call with a Python callable
+
+
+def _cu_stream(handle: int):
+    stream = _custreams.get(handle)
+    if stream is None:
+        from cuda.bindings import driver
+
+        if len(_custreams) >= _STREAM_CACHE_LIMIT:
+            _custreams.clear()
+        stream = _custreams[handle] = driver.CUstream(handle)
+    return stream
+
+
+def set_launch_hook(hook):
+    """Test-only: route every Launcher call to hook(launcher, stream_handle, values) instead of the driver
+    (None restores the driver). Returns the previous hook. The Python work of a call is unchanged."""
+    global _driver_launch
+    previous, _driver_launch = _driver_launch, hook
+    return previous
+
+
+class Launcher:
+    """One kernel entry launched with a fixed grid, block and shared memory; `launcher(stream, *values)`
+    enqueues it on the raw stream handle with the given argument values (see the codes above).
+
+    Thread-safe (the buffer is written and handed to the driver under a lock; the driver copies the
+    arguments before cuLaunchKernel returns). Nothing here allocates, syncs or reads the GPU, so a
+    Launcher works the same during CUDA-graph capture."""
+
+    __slots__ = ("name", "codes", "grid", "block", "smem", "cooperative", "device", "_fn", "_buf", "_params",
+                 "_params_addr", "_pack", "_lock", "_dims")
+
+    def __init__(self, kernel_handle, name: str, grid, block, codes: str, smem: int = 0,
+                 cooperative: bool = False, device: int = 0):
+        import ctypes
+        import struct
+        import threading
+
+        bad = set(codes) - set(_SLOT_FORMATS)
+        if bad:
+            raise ValueError(f"{name}: argument codes {sorted(bad)} are not among {sorted(_SLOT_FORMATS)}")
+        grid = (grid, 1, 1) if isinstance(grid, int) else tuple(grid) + (1,) * (3 - len(grid))
+        block = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
+        self.name, self.codes, self.grid, self.block = name, codes, grid, block
+        self.smem, self.cooperative, self.device = smem, cooperative, device
+        self._dims = grid + block
+        self._pack = struct.Struct("<" + "".join(_SLOT_FORMATS[c] for c in codes)).pack_into
+        n = max(1, len(codes))
+        self._buf = ctypes.create_string_buffer(8 * n)
+        base = ctypes.addressof(self._buf)
+        self._params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        self._params_addr = ctypes.addressof(self._params) if codes else 0
+        self._lock = threading.Lock()
+        self._fn = None
+        if kernel_handle is not None:
+            from cuda.bindings import driver
+
+            self._fn = as_function(kernel_handle)
+            _check_param_sizes(driver, self._fn, name, codes)
+
+    def __call__(self, stream: int, *values) -> None:
+        with self._lock:
+            try:
+                self._pack(self._buf, 0, *values)
+            except Exception as exc:  # struct.error: a value does not fit its C type, or a wrong count
+                raise LaunchError(f"{self.name}: arguments {values!r} do not fit the codes {self.codes!r}: "
+                                  f"{exc}") from None
+            if _driver_launch is not None:
+                return _driver_launch(self, stream, values)
+            g0, g1, g2, b0, b1, b2 = self._dims
+            if self.cooperative:
+                (err,) = _cu_launch_cooperative(self._fn, g0, g1, g2, b0, b1, b2, self.smem, _cu_stream(stream),
+                                                self._params_addr)
+            else:
+                (err,) = _cu_launch(self._fn, g0, g1, g2, b0, b1, b2, self.smem, _cu_stream(stream),
+                                    self._params_addr, 0)
+        if err is not _SUCCESS:
+            self._failed(err, stream, values)
+
+    def _failed(self, err, stream: int, values: tuple) -> None:
+        from cuda.bindings import driver
+
+        if err == driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:  # a thread that never used this device: once
+            from .runtime import ensure_context
+
+            ensure_context(self.device)
+            with self._lock:
+                self._pack(self._buf, 0, *values)
+                g0, g1, g2, b0, b1, b2 = self._dims
+                launch = _cu_launch_cooperative if self.cooperative else _cu_launch
+                extra = () if self.cooperative else (0,)
+                (err,) = launch(self._fn, g0, g1, g2, b0, b1, b2, self.smem, _cu_stream(stream),
+                                self._params_addr, *extra)
+            if err is _SUCCESS:
+                return
+        raise LaunchError(f"launching {self.name} (grid={self.grid}, block={self.block}, smem={self.smem}, "
+                          f"cooperative={self.cooperative}) failed: {err}")
+
+    def values(self) -> tuple:
+        """The argument values of the last call (for tests)."""
+        import struct
+
+        return struct.unpack_from("<" + "".join(_SLOT_FORMATS[c] for c in self.codes), self._buf, 0)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+_CODE_SIZES = {"p": 8, "q": 8, "i": 4, "I": 4, "f": 4}
+
+
+def as_function(handle):
+    """The CUfunction of a kernel handle in the current context: a CUkernel (cuda.core's library
+    kernels) through cuKernelGetFunction, so every driver call (launch, cooperative launch, occupancy,
+    parameter info) gets the type it documents."""
+    from cuda.bindings import driver
+
+    if isinstance(handle, driver.CUkernel):
+        err, fn = driver.cuKernelGetFunction(handle)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise LaunchError(f"cuKernelGetFunction failed: {err}")
+        return fn
+    return handle if isinstance(handle, driver.CUfunction) else driver.CUfunction(int(handle))
+
+
+def _check_param_sizes(driver, handle, name: str, codes: str) -> None:
+    """Compare the codes with the kernel's own parameter list (cuFuncGetParamInfo, CUDA 12.4+; skipped
+    where the driver has none): a wrong count or size would otherwise launch with garbage arguments."""
+    get = driver.cuFuncGetParamInfo
+    sizes = []
+    for i in range(len(codes) + 1):
+        try:
+            err, _offset, size = get(handle, i)
+        except Exception:  # an older driver or bindings: nothing to compare with
+            return
+        if err != driver.CUresult.CUDA_SUCCESS:
+            break
+        sizes.append(int(size))
+    if not sizes and codes:
+        return  # the query failed outright: nothing to compare with
+    want = [_CODE_SIZES[c] for c in codes]
+    if sizes != want:
+        raise LaunchError(f"{name}: the kernel takes parameters of {sizes} bytes, the launcher's codes {codes!r} "
+                          f"give {want}")
+
+
+try:
+    from cuda.bindings.driver import CUresult as _CUresult
+    from cuda.bindings.driver import cuLaunchCooperativeKernel as _cu_launch_cooperative
+    from cuda.bindings.driver import cuLaunchKernel as _cu_launch
+
+    _SUCCESS = _CUresult.CUDA_SUCCESS
+except Exception:  # pragma: no cover - cuda.bindings missing: every launch goes through the test hook
+    _SUCCESS = _cu_launch = _cu_launch_cooperative = None

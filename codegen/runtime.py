@@ -5,11 +5,7 @@ import threading
 from dataclasses import dataclass, field
 
 from . import compiler, jit
-from .launch import cuda_stream, current_stream_handle, kernel_args, launch_config, stream_handle
-
-
-class LaunchError(RuntimeError):
-    pass
+from .launch import LaunchError, Launcher, cuda_stream, current_stream_handle, kernel_args, launch_config, stream_handle
 
 
 def _set_max_dynamic_smem(kernel, smem: int, device: int) -> None:
@@ -62,6 +58,16 @@ class LoadedModule:
     def kernel(self, entry: str = ""):
         return self.entry(entry).kernel
 
+    def launcher(self, entry: str, grid, block, codes: str, smem: int = 0, cooperative: bool = False) -> Launcher:
+        """A prepared launch of entry point `<symbol>_<entry>` (see codegen.launch.Launcher): build it once
+        per call signature and call it as launcher(stream_handle, *values) on every call."""
+        e = self._entries.get(entry) or self.entry(entry)
+        if smem > e.smem_allowed:
+            _set_max_dynamic_smem(e.kernel, smem, self.device)
+            e.smem_allowed = smem
+        return Launcher(getattr(e.kernel, "handle", None), e.name, grid, block, codes, smem=smem,
+                        cooperative=cooperative, device=self.device)
+
     def launch(self, entry: str, grid, block, *args, smem: int = 0, cooperative: bool = False, stream=None):
         """Launch entry point `<symbol>_<entry>` (or `<symbol>` for entry '') on a stream: torch's
         current stream on this module's device by default, else a torch stream, a raw handle or
@@ -84,7 +90,8 @@ _modules_lock = threading.Lock()
 _current_set: set = set()
 
 
-def _ensure_context(device: int) -> None:
+def ensure_context(device: int) -> None:
+    """Make torch's primary context of device current on this thread (once per thread)."""
     key = (threading.get_ident(), device)
     if key in _current_set:
         return
@@ -115,7 +122,7 @@ def get_module(spec, device: int | None = None, arch: str | None = None) -> Load
 
             target = arch or compiler.target_arch()
             entry = jit.build(spec, target)
-            _ensure_context(device)
+            ensure_context(device)
             code = ObjectCode.from_cubin(entry.cubin, name=spec.name)
             module = _modules[cache_key] = LoadedModule(spec, target, device, code)
     return module

@@ -19,6 +19,7 @@ FAMILY_MODULES = (
     "epkern.fp8",
     "epkern.solver.ipm_kernel",
     "epkern.solver.map_kernel",
+    "epkern.solver.run_kernel",
     "epkern.normal.kernels",
     "epkern.low_latency",
 )

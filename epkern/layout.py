@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import numpy as np
 import torch
 
 from epkern.codegen import KernelSpec, check_int, get_module
 from epkern.codegen.launch import current_stream_handle
 from epkern.codegen.scratch import SelfResettingZeros
 
+from . import errors
 from .validate import check_positive_int, check_range, check_tensor
 
 MAX_RANKS = 64
@@ -63,7 +63,8 @@ def _check_layout_args(topk_idx, num_experts: int, num_ranks: int) -> None:
     check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2)
     if topk_idx.shape[1] < 1:
         raise ValueError(f"topk_idx: needs at least one column, got shape {tuple(topk_idx.shape)}")
-    check_range("topk_idx", topk_idx, -1, num_experts)
+    if not topk_idx.is_cuda or errors.check_level() == 2:  # CUDA: the kernel checks (epkern.errors)
+        check_range("topk_idx", topk_idx, -1, num_experts)
 
 
 def layout_reference(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
@@ -108,6 +109,46 @@ class _Workspace:
         return ws
 
 
+class _Plan:
+    """The launch of one call signature (shape, strides, device, E, R, check level): everything but the
+    input pointer, the fresh outputs and the stream is fixed, so a call is three torch.empty and one
+    prepared cuLaunchKernel (codegen.launch.Launcher)."""
+
+    __slots__ = ("spec", "device", "num_tokens", "num_ranks", "num_experts", "launch", "err", "err_any", "_ws")
+
+    def __init__(self, spec: LayoutSpec, device: torch.device, num_tokens: int, level: int):
+        self.spec, self.device, self.num_tokens = spec, device, num_tokens
+        self.num_ranks, self.num_experts = spec.num_ranks, spec.num_experts
+        grid = max(1, min(MAX_BLOCKS, -(-num_tokens // spec.threads)))
+        self.launch = get_module(spec, device.index).launcher("", grid, spec.threads, "pi" + "p" * 7)
+        self.err = self.err_any = 0
+        if level >= 1:
+            self.err, self.err_any = errors.site(
+                device.index, f"get_dispatch_layout: topk_idx ({spec.symbol}) outside [-1, {spec.num_experts})")
+        self._ws: dict = {}
+
+    def __call__(self, topk_idx: torch.Tensor):
+        device = self.device
+        per_rank = torch.empty(self.num_ranks, dtype=torch.int32, device=device)
+        per_expert = torch.empty(self.num_experts, dtype=torch.int32, device=device)
+        in_rank = torch.empty((self.num_tokens, self.num_ranks), dtype=torch.bool, device=device)
+        stream = _raw_stream(device.index)
+        ws = self._ws.get(stream)
+        if ws is None:
+            ws = self._ws[stream] = _Workspace.get(self.spec, device, stream)
+        ticket = ws._ticket
+        if not ticket.trusted:
+            ticket.get()
+        self.launch(stream, topk_idx.data_ptr(), self.num_tokens, per_rank.data_ptr(), per_expert.data_ptr(),
+                    in_rank.data_ptr(), ws.partials.data_ptr(), ticket.tensor.data_ptr(), self.err, self.err_any)
+        return per_rank, per_expert, in_rank
+
+
+_raw_stream = current_stream_handle
+_plans: dict = {}
+_PLAN_LIMIT = 1024  # distinct call signatures kept (a new token count is a new signature)
+
+
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
     """Count tokens per rank and per expert and mark which ranks each token must reach.
 
@@ -121,23 +162,31 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         num_tokens_per_expert [E] int32 (every top-k occurrence counts),
         is_token_in_rank [T, R] bool.
     CUDA tensors run the JIT kernel on the current stream; CPU tensors use the torch definition.
+    Ids outside [-1, E) are dropped by the kernel and reported by the next check (epkern.errors:
+    `epkern.check_errors()`, or the next checked call); EPKERN_CHECK_VALUES=2 checks before the launch.
     """
+    try:  # a signature seen before: its checks passed, only the pointers and the stream are new
+        plan = _plans.get((topk_idx.shape, topk_idx.stride(), topk_idx.dtype, topk_idx.get_device(), num_experts,
+                           type(num_experts), num_ranks, type(num_ranks), errors.check_level()))
+    except (AttributeError, TypeError):
+        plan = None
+    if plan is not None:
+        errors.raise_pending()
+        return plan(topk_idx)
     _check_layout_args(topk_idx, num_experts, num_ranks)
     if not topk_idx.is_cuda:
         return layout_reference(topk_idx.contiguous(), num_experts, num_ranks)
+    errors.raise_pending()
     num_tokens, num_topk = topk_idx.shape
-    spec = _spec(num_experts, num_ranks, num_topk)
-    device = topk_idx.device
-    per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
-    per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-    in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
-    stream = current_stream_handle(device.index)
-    ws = _Workspace.get(spec, device, stream)
-    grid = max(1, min(MAX_BLOCKS, -(-num_tokens // spec.threads)))
-    module = get_module(spec, device.index)
-    module.launch("", grid, spec.threads, topk_idx, np.int32(num_tokens), per_rank, per_expert, in_rank,
-                  ws.partials, ws.ticket, stream=stream)
-    return per_rank, per_expert, in_rank
+    level = errors.check_level()
+    plan = _Plan(_spec(num_experts, num_ranks, num_topk), topk_idx.device, num_tokens, level)
+    if level == 2:  # the eager host check runs on every call: nothing to cache
+        return plan(topk_idx)
+    if len(_plans) >= _PLAN_LIMIT:
+        _plans.clear()
+    _plans[(topk_idx.shape, topk_idx.stride(), topk_idx.dtype, topk_idx.get_device(), num_experts, type(num_experts),
+            num_ranks, type(num_ranks), level)] = plan
+    return plan(topk_idx)
 
 
 def deployment_specs(deployment) -> list[LayoutSpec]:

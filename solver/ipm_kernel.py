@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from epkern.codegen import KernelSpec, check_int, get_module
+from epkern.codegen.launch import current_stream_handle
 
 from .ipm_numba import MAX_ITERATIONS, REFINE_MU, STEP_FACTOR, TOLERANCE
 from .topologies import MAX_DUPS, MAX_GROUP_SIZE
@@ -44,7 +44,8 @@ class IpmSpec(KernelSpec):
     def template_vars(self):
         return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
                     max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
-                    step_factor=repr(STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile)
+                    step_factor=repr(STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile,
+                    fused=False)
 
     def name_fields(self) -> str:
         return f"g{self.group_size}_d{self.dups}_c{self.combined}" + ("_prof" if self.profile else "")
@@ -57,6 +58,19 @@ class IpmResult:
     status: torch.Tensor           # [n_group] int32: 0 optimal, 1 iteration limit, 2 numerical failure
     iterations: torch.Tensor       # [n_group] int32
     objective: torch.Tensor        # [n_group] float32: the busiest rank's planned load (tokens)
+
+
+SOLVE_CODES = "pipipppppppp"  # the kernel's parameters (codegen.launch.Launcher codes)
+_launchers: dict = {}
+
+
+def launcher(spec: IpmSpec, device: int, n_group: int):
+    """The prepared launch (codegen.launch.Launcher) of the solve on n_group blocks."""
+    key = (spec, device, n_group)
+    found = _launchers.get(key)
+    if found is None:
+        found = _launchers[key] = get_module(spec, device).launcher("", n_group, THREADS, SOLVE_CODES)
+    return found
 
 
 def solve_cuda(spec: IpmSpec, workload: torch.Tensor, phy2log: torch.Tensor, r2o: torch.Tensor, o2r: torch.Tensor,
@@ -72,9 +86,10 @@ def solve_cuda(spec: IpmSpec, workload: torch.Tensor, phy2log: torch.Tensor, r2o
     global_workload = torch.empty(n_group, G, n_logical // (n_group * G), dtype=torch.float32, device=device)
     stats = torch.empty(n_group, 2, dtype=torch.int32, device=device)
     objective = torch.empty(n_group, dtype=torch.float32, device=device)
-    module = get_module(spec, device.index)
-    module.launch("", n_group, THREADS, workload, np.int32(n_logical), phy2log, np.int32(n_fixed), r2o, o2r,
-                  prev_probs, probs, global_workload, avail_counter, stats, objective)  # torch's current stream
+    launcher(spec, device.index, n_group)(  # torch's current stream
+        current_stream_handle(device.index), workload.data_ptr(), n_logical, phy2log.data_ptr(), n_fixed,
+        r2o.data_ptr(), o2r.data_ptr(), prev_probs.data_ptr(), probs.data_ptr(), global_workload.data_ptr(),
+        avail_counter.data_ptr(), stats.data_ptr(), objective.data_ptr())
     return IpmResult(probs, global_workload, stats[:, 0], stats[:, 1], objective)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
+import functools
+
 import torch
 
+from epkern import errors
 from epkern.codegen import KernelSpec, check_int, get_module
 from epkern.codegen.launch import current_stream_handle
 from epkern.codegen.scratch import SelfResettingZeros
@@ -53,7 +55,9 @@ class MapSpec(KernelSpec):
         return f"e{self.num_experts}_t{self.threads}"
 
     @classmethod
+    @functools.lru_cache(maxsize=256)
     def for_experts(cls, num_experts: int) -> "MapSpec":
+        """One spec object per E, so its validation runs once, not per call."""
         return cls(num_experts=num_experts, threads=map_threads(num_experts))
 
 
@@ -104,6 +108,8 @@ def map_reference(idx: torch.Tensor, probs: torch.Tensor, log2var: torch.Tensor,
 
 # ---- kernels ---------------------------------------------------------------------------------
 _tickets: dict = {}
+_partials: dict = {}
+_launchers: dict = {}
 
 
 def _ticket(device: torch.device, stream_handle: int) -> torch.Tensor:
@@ -115,13 +121,48 @@ def _ticket(device: torch.device, stream_handle: int) -> torch.Tensor:
     return t.get()
 
 
-def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int) -> torch.Tensor:
+def count_partials(device: torch.device, stream_handle: int, n_sms: int, num_experts: int) -> torch.Tensor:
+    """The count kernel's scratch rows [n_sms, E] for this stream (fully written before they are read)."""
+    key = (device.index, stream_handle, n_sms, num_experts)
+    t = _partials.get(key)
+    if t is None:
+        t = _partials[key] = torch.empty(n_sms * num_experts, dtype=torch.int32, device=device)
+    return t
+
+
+def launcher(spec: MapSpec, device: int, entry: str, n_sms: int):
+    """The prepared launch (codegen.launch.Launcher) of `count` or `map` on n_sms blocks."""
+    key = (spec, device, entry, n_sms)
+    found = _launchers.get(key)
+    if found is None:
+        module = get_module(spec, device)
+        if entry == "count":
+            found = module.launcher("count", n_sms, spec.threads, "pqppppp", smem=4 * spec.num_experts)
+        else:
+            found = module.launcher("map", n_sms, spec.threads, "pqppppp",
+                                    smem=spec.threads // 32 * spec.num_experts * 4)
+        _launchers[key] = found
+    return found
+
+
+def count_site(device: int, num_experts: int, level: int) -> tuple[int, int]:
+    """The error words of the count's id check (epkern.errors), (0, 0) with checks off."""
+    if level < 1:
+        return 0, 0
+    spec = MapSpec.for_experts(num_experts)
+    return errors.site(device, f"Planner: idx ({spec.symbol}_count) outside [-1, {num_experts})")
+
+
+def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int, by_sm: torch.Tensor | None = None) -> torch.Tensor:
     spec = MapSpec.for_experts(num_experts)
     device = idx.device
     stream = current_stream_handle(device.index)  # raw handle: no torch Stream object per call
-    by_sm = torch.empty(n_sms, num_experts, dtype=torch.int32, device=device)
-    get_module(spec, device.index).launch("count", n_sms, spec.threads, idx, np.int64(idx.numel()), by_sm,
-                                          _ticket(device, stream), smem=4 * num_experts, stream=stream)
+    if by_sm is None:
+        by_sm = torch.empty(n_sms, num_experts, dtype=torch.int32, device=device)
+    err, err_any = count_site(device.index, num_experts, errors.check_level())
+    launcher(spec, device.index, "count", n_sms)(
+        stream, idx.data_ptr(), idx.numel(), by_sm.data_ptr(), count_partials(device, stream, n_sms, num_experts).data_ptr(),
+        _ticket(device, stream).data_ptr(), err, err_any)
     return by_sm
 
 
@@ -131,8 +172,9 @@ def map_cuda(idx: torch.Tensor, probs: torch.Tensor, log2var: torch.Tensor, log2
     spec = MapSpec.for_experts(num_experts)
     device = idx.device
     out = torch.empty_like(idx)
-    get_module(spec, device.index).launch("map", n_sms, spec.threads, idx, np.int64(idx.numel()), probs, log2var,
-                                          log2phy, by_sm, out, smem=spec.threads // 32 * num_experts * 4)
+    launcher(spec, device.index, "map", n_sms)(
+        current_stream_handle(device.index), idx.data_ptr(), idx.numel(), probs.data_ptr(), log2var.data_ptr(),
+        log2phy.data_ptr(), by_sm.data_ptr(), out.data_ptr())
     return out
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from epkern import errors
+from epkern.codegen.launch import current_stream_handle
 from epkern.validate import check_positive_int, check_range, check_tensor
 
 from . import eplb, ipm_kernel, ipm_numba, lp, map_kernel
@@ -171,7 +173,8 @@ class Planner:
     def _check_idx(self, idx: torch.Tensor) -> None:
         check_tensor("idx", idx, dtype=torch.int64)
         self._check_device("idx", idx)
-        check_range("idx", idx, -1, self.n_logical_routed_experts)
+        if not idx.is_cuda or errors.check_level() == 2:  # CUDA: the count kernel checks (epkern.errors)
+            check_range("idx", idx, -1, self.n_logical_routed_experts)
 
     def _check_device(self, name: str, t: torch.Tensor) -> None:
         if t.device != self.device:
@@ -204,18 +207,25 @@ class Planner:
                 h runs 1 - probs[r2o[h, d], d] of bundle d of rank r2o[h, d].
             global_workload [n_group, group_size, n_local_logical] float32: the workload / its max.
         Per-group details stay in last_status (0 optimal, 1 iteration limit, 2 numerical failure),
-        last_iterations and last_objective (the busiest rank's planned load, tokens).
+        last_iterations and last_objective (the busiest rank's planned load, tokens); on CUDA these
+        are rewritten in place by the next solve on the same stream.
         """
+        try:  # a signature seen before (CUDA, int32, no group): its checks passed, only pointers are new
+            plan = self._fast_plans().get(("solve", workload.shape, workload.stride(), workload.dtype,
+                                           workload.get_device(), avail_counter.shape, avail_counter.dtype,
+                                           avail_counter.get_device()))
+        except (AttributeError, TypeError):
+            plan = None
+        if plan is not None and plan.valid(self):
+            return plan.solve(self, workload, avail_counter)
         check_tensor("workload", workload, dtype=(torch.int32, torch.int64), contiguous=False)
         if workload.numel() != self.n_logical_routed_experts:
             raise ValueError(f"workload: expected {self.n_logical_routed_experts} entries, got {workload.numel()}")
-        check_tensor("avail_counter", avail_counter, dtype=torch.int32)
-        if avail_counter.numel() != 1:
-            raise ValueError(f"avail_counter: expected one element, got shape {tuple(avail_counter.shape)}")
+        self._check_solve_args(avail_counter)
         self._check_device("workload", workload)
-        self._check_device("avail_counter", avail_counter)
         # token counts: >= 0 and within int32 (the solver's type); an int64 count beyond it would wrap
         check_range("workload", workload, 0, 1 << 31)
+        original = workload
         if self.ep_group is not None:
             import torch.distributed as dist
 
@@ -225,11 +235,33 @@ class Planner:
             check_range("workload (all-reduced over group)", workload, 0, 1 << 31)
         workload = workload.reshape(-1).to(torch.int32).contiguous()
         if workload.is_cuda:
+            if self.ep_group is None and original.dim() == 1 and original.dtype == torch.int32 and original.is_contiguous():
+                plan = _RunPlan(self, None, None, 0)
+                self._fast_plans()[("solve", workload.shape, workload.stride(), workload.dtype, workload.get_device(),
+                                    avail_counter.shape, avail_counter.dtype, avail_counter.get_device())] = plan
+                return plan.solve(self, original, avail_counter)
             return self._solve_cuda(workload, avail_counter)
         return self._solve_cpu(workload, avail_counter)
 
     def _spec(self) -> ipm_kernel.IpmSpec:
-        return ipm_kernel.IpmSpec(self.group_size, self.num_redundants, self.combined_redundant_experts)
+        spec = self.__dict__.get("_ipm_spec")
+        if spec is None:
+            spec = self._ipm_spec = ipm_kernel.IpmSpec(self.group_size, self.num_redundants,
+                                                       self.combined_redundant_experts)
+        return spec
+
+    def _fast_plans(self) -> dict:
+        """Launch plans per call signature (see _RunPlan), made on first use."""
+        plans = self.__dict__.get("_plans")
+        if plans is None or len(plans) >= 256:
+            plans = self._plans = {}
+        return plans
+
+    def _check_solve_args(self, avail_counter: torch.Tensor) -> None:
+        check_tensor("avail_counter", avail_counter, dtype=torch.int32)
+        if avail_counter.numel() != 1:
+            raise ValueError(f"avail_counter: expected one element, got shape {tuple(avail_counter.shape)}")
+        self._check_device("avail_counter", avail_counter)
 
     def _solve_cuda(self, workload, avail_counter):
         n_fixed = self.n_local_logical_routed_experts - self.combined_redundant_experts * self.num_redundants
@@ -275,7 +307,30 @@ class Planner:
         return map_kernel.map_reference(idx, o_weight, self._log2var, self._log2phy)
 
     def run(self, idx: torch.Tensor, avail_counter: torch.Tensor, n_sms: int | None = None) -> torch.Tensor:
-        """count_workload -> solve_probs -> weighted_select_target. n_sms defaults to the GPU's SM count (1 on CPU)."""
+        """count_workload -> solve_probs -> weighted_select_target. n_sms defaults to the GPU's SM count (1 on CPU).
+
+        On CUDA without a group, a call signature seen before launches the three kernels from a plan
+        (_RunPlan): the counts and the plan stay in buffers of the planner (per stream), only the
+        mapped ids are a fresh tensor."""
+        try:  # a signature seen before: its checks passed, only the pointers and the stream are new
+            key = ("run", idx.shape, idx.stride(), idx.dtype, idx.get_device(), avail_counter.shape, avail_counter.dtype,
+                   avail_counter.get_device(), n_sms, type(n_sms), errors.check_level())
+            plan = self._fast_plans().get(key)
+        except (AttributeError, TypeError):
+            key = plan = None
+        if plan is not None and plan.valid(self):
+            errors.raise_pending()
+            return plan.run(self, idx, avail_counter)
+        if (key is not None and self.ep_group is None and isinstance(idx, torch.Tensor) and idx.is_cuda
+                and key[-1] != 2 and (n_sms is None or type(n_sms) is int)):
+            self._check_idx(idx)
+            if n_sms is not None:
+                check_positive_int("n_sms", n_sms)
+            self._check_solve_args(avail_counter)
+            errors.raise_pending()
+            plan = _RunPlan(self, idx, avail_counter, n_sms if n_sms is not None else _sm_count(idx.device), key[-1])
+            self._fast_plans()[key] = plan
+            return plan.run(self, idx, avail_counter)
         if n_sms is None:
             n_sms = (torch.cuda.get_device_properties(idx.device).multi_processor_count if idx.is_cuda else 1)
         local_workload, by_sm = self.count_workload(idx, n_sms)
@@ -292,3 +347,147 @@ class Planner:
         if probs is None:
             probs = torch.ones_like(w)
         return lp.rank_loads(w, f, probs.to(w.device), self.r2o).reshape(-1)
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _sm_counts.get(device.index)
+    if n is None:
+        n = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+class _RunBuffers:
+    """One stream's persistent buffers of a plan: the counts, the count's scratch and ticket, and the
+    solve's outputs that run() does not return (every call rewrites them, in stream order)."""
+
+    def __init__(self, plan: "_RunPlan", stream: int):
+        dev, E = plan.device, plan.n_logical
+        if plan.n_sms:
+            self.by_sm = torch.empty(plan.n_sms, E, dtype=torch.int32, device=dev)
+            self.by_sm_ptr = self.by_sm.data_ptr()
+            self.workload_ptr = self.by_sm_ptr + 4 * (plan.n_sms - 1) * E  # the last row: the totals
+            self.partials_ptr = map_kernel.count_partials(dev, stream, plan.n_sms, E).data_ptr()
+            key = (dev.index, stream)
+            self.ticket = map_kernel._tickets.get(key)
+            if self.ticket is None:
+                self.ticket = map_kernel._tickets[key] = map_kernel.SelfResettingZeros(1, dev)
+            self.ticket_ptr = self.ticket.tensor.data_ptr()
+            # the fused run's totals [E] and counters [4], left at zero by the kernel
+            self.run_zeros = map_kernel.SelfResettingZeros(E + 4, dev)
+            self.totals_ptr = self.run_zeros.tensor.data_ptr()
+            self.sync_ptr = self.totals_ptr + 4 * E
+            self.probs = torch.empty(plan.n_group, plan.group_size, plan.dups, dtype=torch.float32, device=dev)
+            self.probs_ptr = self.probs.data_ptr()
+            self.gw = torch.empty(E, dtype=torch.float32, device=dev)
+            self.gw_ptr = self.gw.data_ptr()
+        self.stats = torch.empty(plan.n_group, 2, dtype=torch.int32, device=dev)
+        self.objective = torch.empty(plan.n_group, dtype=torch.float32, device=dev)
+        self.status, self.iterations = self.stats[:, 0], self.stats[:, 1]
+        self.stats_ptr, self.objective_ptr = self.stats.data_ptr(), self.objective.data_ptr()
+
+
+class _RunPlan:
+    """The launches of Planner.run (count, solve, map) or of solve_probs alone for one call signature,
+    made after the checks passed once. It holds the planner's tables it was made with and is used only
+    while they are still the planner's (update_redundancy_mapping makes new ones)."""
+
+    def __init__(self, planner: Planner, idx: torch.Tensor | None, avail_counter, n_sms: int, level: int = 1):
+        self.device = planner.device
+        self.n_logical = planner.n_logical_routed_experts
+        self.n_group, self.group_size, self.dups = planner.n_group, planner.group_size, planner.num_redundants
+        self.n_fixed = planner.n_local_logical_routed_experts - planner.combined_redundant_experts * planner.num_redundants
+        self.n_local_logical = planner.n_local_logical_routed_experts
+        self.state = (planner.phy2log, planner._log2var, planner._log2phy, planner.r2o, planner.o2r, planner._prev_probs)
+        self.phy2log_ptr, self.log2var_ptr, self.log2phy_ptr, self.r2o_ptr, self.o2r_ptr, self.prev_ptr = (
+            t.data_ptr() for t in self.state)
+        dev = self.device.index
+        self.solve_launch = ipm_kernel.launcher(planner._spec(), dev, self.n_group)
+        self.n_sms = n_sms
+        self.fused_launch = None
+        if idx is not None:
+            self.shape, self.numel = idx.shape, idx.numel()
+            spec = map_kernel.MapSpec.for_experts(self.n_logical)
+            self.count_launch = map_kernel.launcher(spec, dev, "count", n_sms)
+            self.map_launch = map_kernel.launcher(spec, dev, "map", n_sms)
+            self.err, self.err_any = map_kernel.count_site(dev, self.n_logical, level)
+            self.fused_launch = _fused_launcher(planner, dev, n_sms)
+            if self.fused_launch is not None and level >= 1:
+                self.err, self.err_any = errors.site(
+                    dev, f"Planner.run: idx ({self.fused_launch.name}) outside [-1, {self.n_logical})")
+        self.buffers: dict = {}
+
+    def valid(self, planner: Planner) -> bool:
+        s = self.state
+        return (planner.phy2log is s[0] and planner._log2var is s[1] and planner._log2phy is s[2]
+                and planner.r2o is s[3] and planner.o2r is s[4] and planner._prev_probs is s[5])
+
+    def _buffers(self, stream: int) -> _RunBuffers:
+        b = self.buffers.get(stream)
+        if b is None:
+            b = self.buffers[stream] = _RunBuffers(self, stream)
+        return b
+
+    def run(self, planner: Planner, idx: torch.Tensor, avail_counter: torch.Tensor) -> torch.Tensor:
+        stream = _raw_stream(self.device.index)
+        b = self.buffers.get(stream) or self._buffers(stream)
+        out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
+        idx_ptr = idx.data_ptr()
+        if self.fused_launch is not None:  # one cooperative kernel (solver/run_kernel.py)
+            zeros = b.run_zeros
+            if not zeros.trusted:
+                zeros.get()
+            self.fused_launch(stream, idx_ptr, self.numel, b.partials_ptr, b.totals_ptr, b.sync_ptr, self.phy2log_ptr,
+                              self.n_fixed, self.r2o_ptr, self.o2r_ptr, self.prev_ptr, b.probs_ptr, b.gw_ptr,
+                              avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr, self.n_group, self.log2var_ptr,
+                              self.log2phy_ptr, out.data_ptr(), self.err, self.err_any)
+            planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+            return out
+        if not b.ticket.trusted:
+            b.ticket.get()
+        self.count_launch(stream, idx_ptr, self.numel, b.by_sm_ptr, b.partials_ptr, b.ticket_ptr, self.err,
+                          self.err_any)
+        self.solve_launch(stream, b.workload_ptr, self.n_logical, self.phy2log_ptr, self.n_fixed, self.r2o_ptr,
+                          self.o2r_ptr, self.prev_ptr, b.probs_ptr, b.gw_ptr, avail_counter.data_ptr(), b.stats_ptr,
+                          b.objective_ptr)
+        self.map_launch(stream, idx_ptr, self.numel, b.probs_ptr, self.log2var_ptr, self.log2phy_ptr, b.by_sm_ptr,
+                        out.data_ptr())
+        planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+        return out
+
+    def solve(self, planner: Planner, workload: torch.Tensor, avail_counter: torch.Tensor):
+        stream = _raw_stream(self.device.index)
+        b = self.buffers.get(stream) or self._buffers(stream)
+        dev = self.device
+        probs = torch.empty((self.n_group, self.group_size, self.dups), dtype=torch.float32, device=dev)
+        global_workload = torch.empty((self.n_group, self.group_size, self.n_local_logical), dtype=torch.float32,
+                                      device=dev)
+        self.solve_launch(stream, workload.data_ptr(), self.n_logical, self.phy2log_ptr, self.n_fixed, self.r2o_ptr,
+                          self.o2r_ptr, self.prev_ptr, probs.data_ptr(), global_workload.data_ptr(),
+                          avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr)
+        planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+        return probs, global_workload
+
+
+def _fused_launcher(planner: Planner, device: int, n_sms: int):
+    """The one-kernel run (solver/run_kernel.py) where it applies: on (EPKERN_LPLB_FUSED, default 1), every
+    block resident at once, the kernel available (EPKERN_JIT=0 without it in the cache: the three kernels)."""
+    from epkern.codegen import MissingKernelError, knobs
+
+    from . import run_kernel
+
+    if not knobs.lplb_fused():
+        return None
+    spec = run_kernel.run_spec(planner.group_size, planner.num_redundants, planner.combined_redundant_experts,
+                               planner.n_logical_routed_experts)
+    try:
+        if not run_kernel.fits(spec, device, n_sms, planner.n_group):
+            return None
+        return run_kernel.launcher(spec, device, n_sms)
+    except (MissingKernelError, ValueError):
+        return None
+
+
+_raw_stream = current_stream_handle

@@ -231,8 +231,29 @@ def test_workspace_first_made_during_capture_is_zeroed_by_each_graph():
 
 
 @pytest.mark.gpu
-def test_kernel_rejects_out_of_range_ids_on_gpu():
-    with pytest.raises(ValueError, match="out of range"):
+def test_kernel_reports_out_of_range_ids_at_the_next_check():
+    """Checked on the device (no sync at the call): check_errors() names the API, the kernel and a bad id."""
+    import epkern
+
+    epkern.check_errors()  # nothing pending from earlier tests
+    topk = torch.full((8, 2), 256, dtype=torch.int64, device="cuda")
+    topk[3, 1] = -7
+    per_rank, per_expert, in_rank = get_dispatch_layout(topk, 256, 8)  # no error yet: no sync
+    with pytest.raises(ValueError, match=r"get_dispatch_layout: topk_idx \(layout_e256_r8_k8\) outside \[-1, 256\): "
+                                         r"16 bad value\(s\)"):
+        epkern.check_errors()
+    assert per_rank.tolist() == [0] * 8 and per_expert.sum().item() == 0 and not in_rank.any()
+    epkern.check_errors()  # reported once
+    get_dispatch_layout(topk, 256, 8)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="out of range"):  # the next checked call raises it too
+        get_dispatch_layout(topk[:0], 256, 8)
+
+
+@pytest.mark.gpu
+def test_debug_level_checks_on_the_host_before_the_launch(monkeypatch):
+    monkeypatch.setenv("EPKERN_CHECK_VALUES", "2")
+    with pytest.raises(ValueError, match="topk_idx: value 256 out of range"):
         get_dispatch_layout(torch.full((8, 2), 256, dtype=torch.int64, device="cuda"), 256, 8)
 
 

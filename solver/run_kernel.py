@@ -1,0 +1,100 @@
+"""Planner.run as one cooperative kernel: count, solve and map as phases of one grid
+(templates/lplb_run.cu.j2). Three launches cost three kernel latencies plus the gaps between them;
+in one grid the count's tail, the solve's gather and the map's prefix overlap, and the map waits
+only for the plan. Used by Planner.run without a process group (an all-reduce between count and
+solve needs the separate kernels); the result is bit-identical to count_cuda + solve_cuda + map_cuda.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from epkern.codegen import KernelSpec, check_int, get_module
+
+from . import ipm_kernel, map_kernel
+from .ipm_numba import MAX_ITERATIONS, REFINE_MU, STEP_FACTOR, TOLERANCE
+from .topologies import MAX_DUPS, MAX_GROUP_SIZE
+
+THREADS = ipm_kernel.THREADS  # one block size for every phase: the solve's
+RUN_CODES = "pqppp" + "pipp" + "pppppp" + "i" + "ppp" + "pp"  # the kernel's parameters (codegen.launch.Launcher)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec(KernelSpec):
+    family = "lplb_run"
+    template = "lplb_run.cu.j2"
+
+    group_size: int
+    dups: int
+    combined: int
+    num_experts: int  # logical experts E
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_int(n, "group_size", self.group_size, 2, MAX_GROUP_SIZE)
+        check_int(n, "dups", self.dups, 1, MAX_DUPS)
+        check_int(n, "combined", self.combined, 1, 64)
+        check_int(n, "num_experts", self.num_experts, 1, map_kernel.MAX_EXPERTS)
+        if THREADS // 32 * self.num_experts * 4 > map_kernel.SMEM_BUDGET:
+            raise ValueError(f"{n}.num_experts={self.num_experts}: the per-warp counters need more than "
+                             f"{map_kernel.SMEM_BUDGET} bytes of shared memory")
+
+    def template_vars(self):
+        return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
+                    max_iterations=MAX_ITERATIONS, tolerance=repr(TOLERANCE), step_factor=repr(STEP_FACTOR),
+                    refine_mu=repr(REFINE_MU), threads=THREADS, profile=False, fused=True,
+                    num_experts=self.num_experts, align=map_kernel.ALIGN)
+
+    def name_fields(self) -> str:
+        return f"g{self.group_size}_d{self.dups}_c{self.combined}_e{self.num_experts}"
+
+    @property
+    def smem(self) -> int:
+        return THREADS // 32 * self.num_experts * 4
+
+
+@functools.lru_cache(maxsize=64)
+def run_spec(group_size: int, dups: int, combined: int, num_experts: int) -> RunSpec:
+    return RunSpec(group_size, dups, combined, num_experts)
+
+
+_launchers: dict = {}
+_resident: dict = {}
+
+
+def fits(spec: RunSpec, device: int, n_sms: int, n_group: int) -> bool:
+    """Whether n_sms blocks can all be resident at once (a cooperative launch needs it) and hold every group."""
+    if n_sms < n_group:
+        return False
+    key = (spec, device)
+    per_sm = _resident.get(key)
+    if per_sm is None:
+        from cuda.bindings import driver
+
+        from epkern.codegen.launch import as_function
+
+        module = get_module(spec, device)
+        fn = as_function(module.entry("").kernel.handle)
+        err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, THREADS, spec.smem)
+        per_sm = int(per_sm) if err == driver.CUresult.CUDA_SUCCESS else 0
+        _resident[key] = per_sm
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return n_sms <= per_sm * sms
+
+
+def launcher(spec: RunSpec, device: int, n_sms: int):
+    key = (spec, device, n_sms)
+    found = _launchers.get(key)
+    if found is None:
+        found = _launchers[key] = get_module(spec, device).launcher("", n_sms, THREADS, RUN_CODES, smem=spec.smem,
+                                                                    cooperative=True)
+    return found
+
+
+def deployment_specs(deployment) -> list[RunSpec]:
+    """The fused runs of the LPLB topologies ipm_kernel.deployment_specs lists, for the deployment's experts."""
+    return [RunSpec(s.group_size, s.dups, s.combined, deployment.num_experts)
+            for s in ipm_kernel.deployment_specs(deployment)
+            if THREADS // 32 * deployment.num_experts * 4 <= map_kernel.SMEM_BUDGET]
