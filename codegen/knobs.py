@@ -9,6 +9,7 @@
 | EPKERN_NVRTC_EXTRA_OPTIONS | extra NVRTC options, space separated (part of the cache key) | "" |
 | EPKERN_TIMEOUT_S | seconds a kernel waits for a peer before raising | 100 |
 | EPKERN_CHECK_VALUES | 1 = check index values (expert ids in range) before launch; costs one host sync; skipped during CUDA-graph capture | 1 |
+| EPKERN_TUNED_CONFIG | a tuned-config JSON from `epkern tune`: Buffer.get_dispatch_config/get_combine_config read it | unset (built-in defaults) |
 """
 from __future__ import annotations
 
@@ -90,6 +91,11 @@ def peer_timeout_s() -> float:
 
 def check_values() -> bool:
     return env_bool("EPKERN_CHECK_VALUES", True)
+
+
+def tuned_config_path() -> Path | None:
+    raw = os.environ.get("EPKERN_TUNED_CONFIG", "").strip()
+    return Path(raw).expanduser() if raw else None
 
 
 def codegen_environment() -> dict[str, str]:

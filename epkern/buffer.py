@@ -29,6 +29,7 @@ from .normal import kernels as ik
 from .normal.torch_backend import TorchBackend
 from .normal.handle import check_handle
 from .events import EventOverlap
+from . import tuning
 from .layout import get_dispatch_layout as _layout
 from .validate import check_positive_int, check_range, check_tensor
 
@@ -163,12 +164,12 @@ class Buffer:
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         chunks = {2: (24, 256), 4: (6, 256), 8: (6, 256)}.get(num_ranks, (6, 256))
-        return Config(Buffer.num_sms, *chunks, 6, 128)
+        return tuning.config_for("dispatch", num_ranks) or Config(Buffer.num_sms, *chunks, 6, 128)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
         chunks = {2: (10, 256), 4: (9, 256), 8: (4, 256)}.get(num_ranks, (4, 256))
-        return Config(Buffer.num_sms, *chunks, 6, 128)
+        return tuning.config_for("combine", num_ranks) or Config(Buffer.num_sms, *chunks, 6, 128)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(*args, **kwargs) -> int:

@@ -1,4 +1,4 @@
-"""The `epkern` command: info, precompile, cache list|clear."""
+"""The `epkern` command: info, precompile, cache list|clear, bench, tune."""
 from __future__ import annotations
 
 import argparse
@@ -51,10 +51,11 @@ def cmd_precompile(args) -> int:
     from tqdm import tqdm
 
     from epkern.codegen import cache, compiler, jit
-    from epkern.deployment import load_deployments, specs_for
+    from epkern.deployment import load_deployments
+    from epkern.tuning import precompile_specs
 
     arch = compiler.target_arch(args.arch)
-    specs = specs_for(load_deployments(args.config))
+    specs = precompile_specs(load_deployments(args.config), args.tuned)  # + the tuned file's num_sms
     results = []
 
     def build_one(spec):
@@ -107,10 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="JSON file: one deployment or a list (default: DeepSeek-V3, EP 2/4/8)")
     pre.add_argument("--arch", help="target, e.g. sm_90a (default: current GPU, else sm_90a)")
     pre.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: CPU count)")
+    pre.add_argument("--tuned", help="tuned-config file from `epkern tune` (default: EPKERN_TUNED_CONFIG)")
     pre.set_defaults(func=cmd_precompile)
     c = sub.add_parser("cache", help="list or clear the kernel cache")
     c.add_argument("action", choices=["list", "clear"])
     c.set_defaults(func=cmd_cache)
+    from epkern.bench import add_parsers as add_bench_parsers  # bench, tune (epkern/bench/cli.py)
+
+    add_bench_parsers(sub)
     return parser
 
 
