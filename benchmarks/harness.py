@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from epkern.bench import timing as _timing
-from epkern.bench.timing import device_info, floor_fields, git_commit, summarize  # noqa: F401
+from epkern.bench.timing import device_info, floor_fields, git_commit, summarize
+
+__all__ = ["RESULTS_DIR", "Bench", "device_info", "floor_fields", "git_commit", "summarize"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -60,8 +60,9 @@ def test_buffer_configs_read_the_tuned_file(tuned_file, monkeypatch):
 
 def test_another_gpu_is_refused(tmp_path, monkeypatch):
     path = tuning.save(tmp_path / "h200.json", [_entry("dispatch", 2, 40)], device="NVIDIA H200 (not this one)")
-    with pytest.raises(tuning.TunedConfigError, match=r"tuned on 'NVIDIA H200 \(not this one\)', but this machine "
-                                                      r"runs on .*run `epkern tune` here, or unset EPKERN_TUNED_CONFIG"):
+    with pytest.raises(tuning.TunedConfigError, match=r"tuned on 'NVIDIA H200 \(not this one\)', but this "
+                                                      r"machine runs on .*run `epkern tune` here, or unset "
+                                                      r"EPKERN_TUNED_CONFIG"):
         tuning.load(path)
     monkeypatch.setenv("EPKERN_TUNED_CONFIG", str(path))
     with pytest.raises(tuning.TunedConfigError, match="tuned on"):

@@ -119,18 +119,18 @@ def run_normal(ctx: Context, job, impl: _Impl, model, whats) -> None:
                 want = x.float() * in_rank.sum(1, keepdim=True).float()
                 ok = bool(((combined.float() - want).abs() <= 0.02 * want.abs() + 1e-2).all())
                 check = "ok" if _agree(ok, job) else "MISMATCH"
-                used = sms
-                if used is None and impl.name != "epkern-torch":
-                    used = getattr(type(buf).get_dispatch_config(R), "num_sms", None)
                 rows = recv_x.shape[0]
                 remote = rows - int(in_rank[:, rank].sum())   # rows from other ranks
-                shape = dict(tokens=T, hidden=model.hidden, experts=model.experts, topk=model.topk, ranks=R,
-                             num_sms=used)
-                cases = [("dispatch", lambda _: buf.dispatch(x, **layout, **kw)),
-                         ("combine", lambda _: buf.combine(recv_x, handle, **kw))]
-                for op, fn in cases:
+                cases = [("dispatch", lambda _: buf.dispatch(x, **layout, **kw), type(buf).get_dispatch_config),
+                         ("combine", lambda _: buf.combine(recv_x, handle, **kw), type(buf).get_combine_config)]
+                for op, fn, default_config in cases:
                     if op not in whats:
                         continue
+                    used = sms   # the SMs the call used: the default (or tuned) config's when not given
+                    if used is None and impl.name != "epkern-torch":
+                        used = getattr(default_config(R), "num_sms", None)
+                    shape = dict(tokens=T, hidden=model.hidden, experts=model.experts, topk=model.topk, ranks=R,
+                                 num_sms=used)
                     dist.barrier()
                     for mode, t in ctx.times(op, fn, [None], 1, graph=False):
                         floor = dict(floor_us=remote * model.hidden * 2 / floor_bw * 1e6) if floor_bw and remote else {}
@@ -243,4 +243,5 @@ def run_comm(ctx: Context, job) -> None:
         try:
             case()
         except Exception as exc:  # recorded; the next implementation still runs
-            ctx.skip(",".join(plan.comm_whats), f"failed on rank {dist.get_rank()}: {type(exc).__name__}: {str(exc)[:200]}")
+            why = f"failed on rank {dist.get_rank()}: {type(exc).__name__}: {str(exc)[:200]}"
+            ctx.skip(",".join(plan.comm_whats), why)

@@ -162,7 +162,8 @@ def run_lplb(ctx: Context, model) -> None:
         n_sms = torch.cuda.get_device_properties(ctx.dev).multi_processor_count if ctx.gpu else 1
         n_phy = model.experts + LPLB_REDUNDANT * ep
         for T in ctx.plan.tokens["lplb"]:
-            idx = [torch.randint(-1, model.experts, (T, model.topk), device=ctx.dev) for _ in range(4 if ctx.gpu else 1)]
+            idx = [torch.randint(-1, model.experts, (T, model.topk), device=ctx.dev)
+                   for _ in range(4 if ctx.gpu else 1)]
             out = planner.run(idx[0], counter, n_sms)
             ok = bool(((out >= -1) & (out < n_phy)).all()) and bool(((out == -1) == (idx[0] == -1)).all())
             for mode, t in ctx.times("lplb", lambda x: planner.run(x, counter, n_sms), idx, LPLB_CALLS):

@@ -66,7 +66,7 @@ def _rank_main(rank: int, job: Job) -> None:
     dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{job.port}", rank=rank,
                             world_size=job.world, timeout=datetime.timedelta(seconds=300), **kw)
     progress = tqdm(total=0, desc=f"EP{job.world} ranks", unit="step", file=sys.stderr,
-                    disable=rank != 0 or not sys.stderr.isatty())
+                    mininterval=1.0, disable=rank != 0)
     try:
         ctx = Context(job.plan, job.impls, progress)
         run_comm(ctx, job)

@@ -102,9 +102,10 @@ def write_plots(out: Path, rows: list[dict], title: str) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
         ax_t.set_yscale("log")
         ax_t.legend(fontsize=7)
-        fig.suptitle(f"{what if what == op else what + ' ' + op}, {shape} (h hidden, e experts, k top-k, R ranks, s SMs) - {title}", fontsize=9)
+        kernel = what if what == op else f"{what} {op}"
+        fig.suptitle(f"{kernel}, {shape} (h hidden, e experts, k top-k, R ranks, s SMs) - {title}", fontsize=9)
         fig.tight_layout()
-        name = f"{what if what == op else what + '_' + op}_{shape}".replace(" ", "_").replace("/", "-")
+        name = f"{kernel}_{shape}".replace(" ", "_").replace("/", "-")
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

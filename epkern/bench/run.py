@@ -29,8 +29,9 @@ def prebuild(plan: Plan, world: int) -> None:
             specs.append(ik.notify_spec(world))
             sms_list = plan.num_sms or (Buffer.get_dispatch_config(world).num_sms,
                                         Buffer.get_combine_config(world).num_sms)
-            for sms in sms_list:
-                specs += [ik.dispatch_spec(world, m.hidden, m.topk, False, sms), ik.combine_spec(world, m.hidden, m.topk, sms)]
+            for sms in sms_list:   # combine without weights is its top-k 0 variant
+                specs += [ik.dispatch_spec(world, m.hidden, m.topk, False, sms),
+                          ik.combine_spec(world, m.hidden, 0, sms), ik.combine_spec(world, m.hidden, m.topk, sms)]
         if "low_latency" in plan.whats and world <= LL_MAX_RANKS and m.hidden % 128 == 0:
             specs += [LowLatencySpec(kind, m.hidden, world, m.experts, m.topk) for kind in ("bf16", "fp8", "combine")]
     arch = compiler.target_arch()
@@ -57,12 +58,19 @@ def run(plan: Plan, echo=print) -> dict:
             whats.append(w)
     plan = dataclasses.replace(plan, whats=tuple(whats))
     progress = tqdm(total=units(plan), desc="epkern bench", unit="shape", file=sys.stderr,
-                    disable=not sys.stderr.isatty())
+                    mininterval=1.0)
     ctx = Context(plan, impls, progress)
     for w in plan.local_whats:
         for model in plan.models:
-            RUNNERS[w](ctx, model)
+            try:
+                RUNNERS[w](ctx, model)
+            except Exception as exc:  # recorded; the other families still run
+                ctx.skip(w, f"failed at {model.label}: {type(exc).__name__}: {str(exc)[:200]}")
     progress.close()
+    if not cpu:
+        import torch
+
+        torch.cuda.empty_cache()   # the ranks need the memory the local inputs held
     rows = ctx.rows
     skipped += ctx.skipped
     if plan.comm_whats:
@@ -85,13 +93,15 @@ def run(plan: Plan, echo=print) -> dict:
 def write(plan: Plan, header: dict, rows: list, skipped: list, echo=print) -> dict:
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
-    files = [report.write_json(out / "results.json", header, rows, skipped), report.write_csv(out / "results.csv", rows)]
+    files = [report.write_json(out / "results.json", header, rows, skipped),
+             report.write_csv(out / "results.csv", rows)]
     if plan.plots:
         try:
             title = f"{header['device']['name']}, epkern {header['epkern_version']}"
             files += report.write_plots(out, rows, title)
         except ImportError:
-            skipped.append({"what": "plots", "impl": "", "reason": "matplotlib is not installed (pip install matplotlib)"})
+            why = "matplotlib is not installed (pip install epkern[bench])"
+            skipped.append({"what": "plots", "impl": "", "reason": why})
             report.write_json(out / "results.json", header, rows, skipped)
     echo(report.summary(header, rows, skipped, files))
     return {"header": header, "rows": rows, "skipped": skipped, "files": files}

@@ -71,7 +71,8 @@ def parse_list(text: str, name: str, lo: int = 1, hi: int | None = None, multipl
             raise ValueError(f"{name}: {t!r} is not an integer") from None
         if v < lo or (hi is not None and v > hi) or v % multiple_of:
             bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise ValueError(f"{name}: {v} must be {bound}" + (f" and a multiple of {multiple_of}" if multiple_of > 1 else ""))
+            extra = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
+            raise ValueError(f"{name}: {v} must be {bound}{extra}")
         out.append(v)
     return tuple(dict.fromkeys(out))
 
