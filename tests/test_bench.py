@@ -1,9 +1,11 @@
 """`epkern bench` / `epkern tune` on CPU: option errors, the CPU run end to end (JSON, CSV, PNG),
 the result writer and plots on GPU-shaped rows, rank modes, DeepEP alias detection, tune's choice."""
 import csv
+import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +194,79 @@ def test_candidates_fit_the_gpu():
 def test_bench_results_have_torch_versions():
     entry = next(i for i in impls.discover() if i["name"] == "epkern-torch")
     assert torch.__version__ in entry["version"]
+
+
+# -- the runners' GPU-only branches, driven on CPU: SM sweeps and the low-latency flow ------------------
+class _FakeLowLatency:
+    """DeepEP's low-latency API without communication (each rank's tokens stay home): enough to run
+    the bench runner's flow, checks and rows; epkern's real buffer is tested in test_low_latency_*."""
+
+    num_sms = 7
+
+    def __init__(self, num_ranks):
+        self.num_ranks = num_ranks
+
+    def low_latency_dispatch(self, x, topk_idx, M, E, use_fp8=True):
+        recv = torch.zeros(E // self.num_ranks, self.num_ranks * M, x.shape[1], dtype=torch.bfloat16)
+        return (recv, torch.zeros(E // self.num_ranks, dtype=torch.int32), (x,), None, None)
+
+    def low_latency_combine(self, x, topk_idx, weights, handle):
+        (original,) = handle
+        return (original.float() * weights.sum(1, keepdim=True)).to(torch.bfloat16), None, None
+
+
+def _runner_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    import epkern
+    from epkern.bench import comm
+    from epkern.bench.local import Context
+    from epkern.bench.ranks import Job
+    from epkern.bench.sweep import Model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        plan = build_plan(("dispatch", "combine", "low_latency"), (8, 24), (256,), (16,), (4,), (8, 16), (world,),
+                          None, out_dir, "cpu", 0, 0, 2)
+        job = Job(plan, impls.discover(), world, port, "gloo", 0, False, "cpu", out_dir)
+        ctx = Context(plan, job.impls)
+        model = Model(256, 16, 4)
+        # the NVLink implementation's branches (SM sweep, default SM count) with the portable backend
+        ours = comm._Impl("epkern", lambda max_tokens, m: epkern.Buffer(dist.group.WORLD, backend="torch"),
+                          lambda sms: None if sms is None else epkern.Config(sms), True)
+        comm.run_normal(ctx, job, ours, model, ("dispatch", "combine"))
+        ctx.plan = dataclasses.replace(plan, num_sms=None)
+        comm.run_normal(ctx, job, ours, model, ("combine",))
+        ctx.plan = plan
+        comm.run_low_latency(ctx, job, "epkern", lambda M, m, sms: _FakeLowLatency(world), model)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(ctx.rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_runner_branches_on_cpu(tmp_path):
+    import torch.multiprocessing as mp
+
+    from epkern.bench.ranks import free_port
+
+    mp.spawn(_runner_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rows = json.loads((tmp_path / "rank0.json").read_text())
+    normal = [(r["op"], r["tokens"], r["num_sms"]) for r in rows if r["what"] in ("dispatch", "combine")]
+    assert normal == [(op, t, s) for t in (8, 24) for s in (8, 16) for op in ("dispatch", "combine")] + \
+                     [("combine", t, 20) for t in (8, 24)]       # Buffer's default SM count when none given
+    ll = [r for r in rows if r["what"] == "low_latency"]
+    assert [(r["op"], r["tokens"], r["num_sms"]) for r in ll] == [(op, t, s) for s in (8, 16) for t in (8, 24)
+                                                                   for op in ("dispatch", "combine")]
+    for r in rows:
+        assert r["check"] == "ok" and r["mode"] == "host" and r["ranks"] == 2 and r["median_us"] > 0, r
+    assert all(r["note"] == "fp8, M=24" for r in ll if r["op"] == "dispatch")
+    # bytes: the (token, other rank) messages, fp8 rows with scales for dispatch and bf16 rows for combine
+    d, c = ll[0], ll[1]
+    assert d["bytes_moved"] * 2 * 256 == c["bytes_moved"] * (256 + 256 // 128 * 4)
+    # tune's choice reads these rows (eager on a GPU, host here)
+    for r in rows:
+        r["mode"] = "eager"
+    entries = {e["kernel"]: e for e in tune.choose(rows)}
+    assert entries["dispatch"]["config"]["num_sms"] in (8, 16) and entries["dispatch"]["tokens"] == [8, 24]
+    assert set(entries["combine"]["candidates"]) == {"8", "16", "20"}

@@ -94,8 +94,8 @@ def cmd_bench(parser, args) -> int:
 
     plan = _plan(parser, args, args.what, args.tokens, args.out, not args.no_plots)
     result = run(plan)
-    failed = [r for r in result["rows"] if r.get("check") in ("MISMATCH", "BAD IDS")]
-    return 1 if failed else 0
+    wrong = [r for r in result["rows"] if r.get("check") in ("MISMATCH", "BAD IDS")]
+    return 1 if wrong or any(s.get("failed") for s in result["skipped"]) else 0
 
 
 def cmd_tune(parser, args) -> int:

@@ -244,4 +244,4 @@ def run_comm(ctx: Context, job) -> None:
             case()
         except Exception as exc:  # recorded; the next implementation still runs
             why = f"failed on rank {dist.get_rank()}: {type(exc).__name__}: {str(exc)[:200]}"
-            ctx.skip(",".join(plan.comm_whats), why)
+            ctx.skip(",".join(plan.comm_whats), why, failed=True)

@@ -43,8 +43,9 @@ class Context:
             self._copy_bw = self.bench.copy_bandwidth(1 << 28)
         return self._copy_bw
 
-    def skip(self, what: str, reason: str, impl: str = "") -> None:
-        self.skipped.append({"what": what, "impl": impl, "reason": reason})
+    def skip(self, what: str, reason: str, impl: str = "", failed: bool = False) -> None:
+        """Record what did not run and why; failed=True for errors (the command then exits 1)."""
+        self.skipped.append({"what": what, "impl": impl, "reason": reason, "failed": failed})
 
     def times(self, what: str, fn, inputs: list, calls: int, graph: bool = True, repeats: int | None = None):
         """[(mode, timing)]: graph replays and eager calls on a GPU, the host clock on CPU."""

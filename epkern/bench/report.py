@@ -146,8 +146,11 @@ def summary(header: dict, rows: list[dict], skipped: list[dict], files: list[Pat
                      f"{_fmt(r.get('tokens'), 'd'):>7}{_fmt(r.get('median_us'), '.2f'):>11}{spread:>18}"
                      f"{_fmt(r.get('bandwidth_gbs'), '.1f'):>8}{(_fmt(100 * frac, '.0f') + '%') if frac else '-':>7}"
                      f"  {r.get('check') or '-'}")
-    if skipped:
-        lines += ["", "skipped:"]
-        lines += [f"  {s['what']}" + (f" [{s['impl']}]" if s.get("impl") else "") + f": {s['reason']}" for s in skipped]
+    for title, items in (("skipped:", [s for s in skipped if not s.get("failed")]),
+                         ("FAILED:", [s for s in skipped if s.get("failed")])):
+        if items:
+            lines += ["", title]
+            lines += [f"  {s['what']}" + (f" [{s['impl']}]" if s.get("impl") else "") + f": {s['reason']}"
+                      for s in items]
     lines += ["", "wrote " + ", ".join(str(p) for p in files)]
     return "\n".join(lines)

@@ -6,6 +6,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from . import impls as _impls
 from . import report
 from .local import RUNNERS, Context, units
@@ -53,7 +55,7 @@ def run(plan: Plan, echo=print) -> dict:
     whats = []
     for w in plan.whats:
         if cpu and w in GPU_ONLY:
-            skipped.append({"what": w, "impl": "", "reason": f"{GPU_ONLY[w]}; this machine has none"})
+            skipped.append({"what": w, "impl": "", "reason": f"{GPU_ONLY[w]}; this machine has none", "failed": False})
         else:
             whats.append(w)
     plan = dataclasses.replace(plan, whats=tuple(whats))
@@ -65,28 +67,32 @@ def run(plan: Plan, echo=print) -> dict:
             try:
                 RUNNERS[w](ctx, model)
             except Exception as exc:  # recorded; the other families still run
-                ctx.skip(w, f"failed at {model.label}: {type(exc).__name__}: {str(exc)[:200]}")
+                ctx.skip(w, f"failed at {model.label}: {type(exc).__name__}: {str(exc)[:200]}", failed=True)
     progress.close()
     if not cpu:
-        import torch
-
         torch.cuda.empty_cache()   # the ranks need the memory the local inputs held
     rows = ctx.rows
     skipped += ctx.skipped
     if plan.comm_whats:
-        from .ranks import launch
+        from .ranks import launch, mode_for
 
         for world in plan.ep_sizes:
+            note = mode_for(world, torch.cuda.device_count() if not cpu else 0)[2]
+            if note and note not in header["notes"]:
+                header["notes"].append(note)
             if not cpu:
                 try:
                     prebuild(plan, world)
                 except Exception as exc:  # the ranks compile what is missing themselves
                     echo(f"prebuild for EP{world} failed ({exc}); the ranks compile on first use")
-            r, s, note = launch(plan, impls, world)
+            try:
+                r, s, note = launch(plan, impls, world)
+            except Exception as exc:  # a rank died: keep what the other families measured
+                skipped.append({"what": ",".join(plan.comm_whats), "impl": "", "failed": True,
+                                "reason": f"EP{world} ranks failed: {type(exc).__name__}: {str(exc)[-300:]}"})
+                continue
             rows += r
             skipped += s
-            if note and note not in header["notes"]:
-                header["notes"].append(note)
     return write(plan, header, rows, skipped, echo)
 
 
@@ -101,7 +107,7 @@ def write(plan: Plan, header: dict, rows: list, skipped: list, echo=print) -> di
             files += report.write_plots(out, rows, title)
         except ImportError:
             why = "matplotlib is not installed (pip install epkern[bench])"
-            skipped.append({"what": "plots", "impl": "", "reason": why})
+            skipped.append({"what": "plots", "impl": "", "reason": why, "failed": False})
             report.write_json(out / "results.json", header, rows, skipped)
     echo(report.summary(header, rows, skipped, files))
     return {"header": header, "rows": rows, "skipped": skipped, "files": files}
