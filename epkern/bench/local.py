@@ -115,11 +115,14 @@ def run_layout(ctx: Context, model) -> None:
             shape = dict(tokens=T, hidden=model.hidden, experts=E, topk=K, ranks=R)
             want = layout_reference(inputs[0], E, R)
             if ctx.gpu:
+                from epkern.codegen import knobs
+
+                note = "eager calls check ids (EPKERN_CHECK_VALUES=1: one host sync)" if knobs.check_values() else ""
                 got = get_dispatch_layout(inputs[0], E, R)
                 check = "ok" if all(torch.equal(g, w) for g, w in zip(got, want)) else "MISMATCH"
                 for mode, t in ctx.times("layout", lambda x: get_dispatch_layout(x, E, R), inputs, LAYOUT_CALLS):
-                    ctx.add(make_row("layout", "layout", "epkern", ctx.version("epkern"), mode, t,
-                                     bytes_moved=nbytes, floor_bw=ctx.copy_bw, check=check, **shape))
+                    ctx.add(make_row("layout", "layout", "epkern", ctx.version("epkern"), mode, t, bytes_moved=nbytes,
+                                     floor_bw=ctx.copy_bw, check=check, note=note if mode == "eager" else "", **shape))
             for mode, t in ctx.times("layout", lambda x: layout_reference(x, E, R), inputs, 1, graph=False):
                 ctx.add(make_row("layout", "layout", "torch", torch.__version__, mode, t, bytes_moved=nbytes,
                                  floor_bw=ctx.copy_bw, check="reference", **shape))

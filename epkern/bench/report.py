@@ -152,5 +152,8 @@ def summary(header: dict, rows: list[dict], skipped: list[dict], files: list[Pat
             lines += ["", title]
             lines += [f"  {s['what']}" + (f" [{s['impl']}]" if s.get("impl") else "") + f": {s['reason']}"
                       for s in items]
-    lines += ["", "wrote " + ", ".join(str(p) for p in files)]
+    pngs = [p for p in files if p.suffix == ".png"]
+    names = ", ".join(p.name for p in files if p.suffix != ".png")
+    where = files[0].parent if files else "-"
+    lines += ["", f"wrote {names} and {len(pngs)} plot{'' if len(pngs) == 1 else 's'} in {where}"]
     return "\n".join(lines)
