@@ -216,8 +216,9 @@ def run_low_latency(ctx: Context, job, name: str, make, model) -> None:
                 destroy()
 
 
-def run_comm(ctx: Context, job) -> None:
-    """Every multi-rank case of the plan, in the same order on every rank."""
+def run_comm(ctx: Context, job, progress=None) -> None:
+    """Every multi-rank case of the plan, in the same order on every rank; progress(total=n) makes
+    the progress bar."""
     plan = ctx.plan
     normal = tuple(w for w in ("dispatch", "combine") if w in plan.whats)
     cases = []
@@ -236,12 +237,13 @@ def run_comm(ctx: Context, job) -> None:
                     ctx.skip("low_latency", "hidden sizes that are not a multiple of 128 (FP8 groups)", name)
                 cases += [(steps, lambda name=name, make=make, m=m: run_low_latency(ctx, job, name, make, m))
                           for m in models]
-    if ctx.progress is not None:
-        ctx.progress.total = (ctx.progress.total or 0) + sum(s for s, _ in cases)
-        ctx.progress.refresh()
+    if progress is not None:
+        ctx.progress = progress(total=sum(s for s, _ in cases))
     for _, case in cases:
         try:
             case()
         except Exception as exc:  # recorded; the next implementation still runs
             why = f"failed on rank {dist.get_rank()}: {type(exc).__name__}: {str(exc)[:200]}"
             ctx.skip(",".join(plan.comm_whats), why, failed=True)
+    if ctx.progress is not None:
+        ctx.progress.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import socket
@@ -65,15 +66,14 @@ def _rank_main(rank: int, job: Job) -> None:
     kw = {"device_id": torch.device("cuda", rank)} if job.backend == "nccl" else {}
     dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{job.port}", rank=rank,
                             world_size=job.world, timeout=datetime.timedelta(seconds=300), **kw)
-    progress = tqdm(total=0, desc=f"EP{job.world} ranks", unit="step", file=sys.stderr,
-                    mininterval=1.0, disable=rank != 0)
     try:
-        ctx = Context(job.plan, job.impls, progress)
-        run_comm(ctx, job)
+        ctx = Context(job.plan, job.impls)
+        progress = functools.partial(tqdm, desc=f"EP{job.world} ranks", unit="step", file=sys.stderr,
+                                     mininterval=1.0, disable=rank != 0)
+        run_comm(ctx, job, progress)
         Path(job.out_dir, f"rank{rank}.json").write_text(json.dumps({"rows": ctx.rows, "skipped": ctx.skipped}))
         dist.barrier()
     finally:
-        progress.close()
         dist.destroy_process_group()
 
 
