@@ -16,7 +16,7 @@ from .timing import floor_fields
 
 CSV_FIELDS = ("what", "op", "impl", "version", "mode", "tokens", "hidden", "experts", "topk", "ranks", "num_sms",
               "median_us", "p10_us", "p90_us", "mean_us", "min_us", "repeats", "bytes_moved", "bandwidth_gbs",
-              "floor_us", "fraction_of_floor", "check", "note")
+              "floor_us", "fraction_of_floor", "slowest_rank_median_us", "check", "note")
 MODES = ("graph", "eager", "host")
 
 
