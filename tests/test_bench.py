@@ -270,3 +270,37 @@ def test_runner_branches_on_cpu(tmp_path):
     entries = {e["kernel"]: e for e in tune.choose(rows)}
     assert entries["dispatch"]["config"]["num_sms"] in (8, 16) and entries["dispatch"]["tokens"] == [8, 24]
     assert set(entries["combine"]["candidates"]) == {"8", "16", "20"}
+
+
+def test_local_gpu_branches_on_cpu(tmp_path, monkeypatch):
+    """The single-process runners' GPU branches (epkern's kernel beside the torch definition, graph
+    and eager rows, floors) with CPU tensors, which epkern's functions accept (they run the reference)."""
+    from epkern.bench.local import RUNNERS, Context
+
+    plan = build_plan(("fp8", "layout", "lplb"), (16, 32), (256,), (16,), (4,), None, (2,), None, tmp_path, "cpu",
+                      0, 1, 2)
+    monkeypatch.setenv("EPKERN_CHECK_VALUES", "1")
+    ctx = Context(plan, impls.discover())
+    ctx.gpu, ctx._copy_bw = True, 1e11
+    monkeypatch.setattr(ctx.bench, "rotating", lambda make, nbytes: [make(), make()])
+    def host_times(what, fn, inputs, calls, graph=True, repeats=None):
+        modes = ("graph", "eager") if graph else ("eager",)
+        return [(mode, ctx.bench.time_host(fn, inputs, repeats=repeats)) for mode in modes]
+
+    monkeypatch.setattr(ctx, "times", host_times)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=4))
+    for what in plan.whats:
+        RUNNERS[what](ctx, plan.models[0])
+    assert not ctx.skipped
+    got = sorted({(r["what"], r["op"], r["impl"], r["mode"], r["check"]) for r in ctx.rows})
+    assert got == [("fp8", "cast", "epkern", "eager", "ok"), ("fp8", "cast", "epkern", "graph", "ok"),
+                   ("fp8", "cast", "torch", "eager", "reference"),
+                   ("layout", "layout", "epkern", "eager", "ok"), ("layout", "layout", "epkern", "graph", "ok"),
+                   ("layout", "layout", "torch", "eager", "reference"),
+                   ("lplb", "run", "epkern", "eager", "ok"), ("lplb", "run", "epkern", "graph", "ok"),
+                   ("lplb", "solve", "epkern", "eager", "ok"), ("lplb", "solve", "epkern", "graph", "ok")]
+    fp8 = [r for r in ctx.rows if r["what"] == "fp8"]
+    assert all(r["floor_us"] == pytest.approx(r["bytes_moved"] / 1e11 * 1e6) for r in fp8)
+    assert {r["tokens"] for r in fp8} == {16, 32}
+    layout_eager = [r for r in ctx.rows if r["what"] == "layout" and r["impl"] == "epkern" and r["mode"] == "eager"]
+    assert all("EPKERN_CHECK_VALUES" in r["note"] for r in layout_eager)
