@@ -201,10 +201,9 @@ class _FakeLowLatency:
     """DeepEP's low-latency API without communication (each rank's tokens stay home): enough to run
     the bench runner's flow, checks and rows; epkern's real buffer is tested in test_low_latency_*."""
 
-    num_sms = 7
-
-    def __init__(self, num_ranks):
+    def __init__(self, num_ranks, num_sms):
         self.num_ranks = num_ranks
+        self.num_sms = min(num_sms, 12)   # as if the GPU had 12 SMs
 
     def low_latency_dispatch(self, x, topk_idx, M, E, use_fp8=True):
         recv = torch.zeros(E // self.num_ranks, self.num_ranks * M, x.shape[1], dtype=torch.bfloat16)
@@ -239,7 +238,7 @@ def _runner_worker(rank, world, port, out_dir):
         ctx.plan = dataclasses.replace(plan, num_sms=None)
         comm.run_normal(ctx, job, ours, model, ("combine",))
         ctx.plan = plan
-        comm.run_low_latency(ctx, job, "epkern", lambda M, m, sms: _FakeLowLatency(world), model)
+        comm.run_low_latency(ctx, job, "epkern", lambda M, m, sms: _FakeLowLatency(world, sms), model)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(ctx.rows))
     finally:
         dist.destroy_process_group()
@@ -256,7 +255,7 @@ def test_runner_branches_on_cpu(tmp_path):
     assert normal == [(op, t, s) for t in (8, 24) for s in (8, 16) for op in ("dispatch", "combine")] + \
                      [("combine", t, 20) for t in (8, 24)]       # Buffer's default SM count when none given
     ll = [r for r in rows if r["what"] == "low_latency"]
-    assert [(r["op"], r["tokens"], r["num_sms"]) for r in ll] == [(op, t, s) for s in (8, 16) for t in (8, 24)
+    assert [(r["op"], r["tokens"], r["num_sms"]) for r in ll] == [(op, t, s) for s in (8, 12) for t in (8, 24)
                                                                    for op in ("dispatch", "combine")]
     for r in rows:
         assert r["check"] == "ok" and r["mode"] == "host" and r["ranks"] == 2 and r["median_us"] > 0, r
