@@ -131,9 +131,10 @@ def test_writer_and_plots_on_gpu_rows(tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 12 and float(table[0]["fraction_of_floor"]) > 0 and table[0]["num_sms"] == "24"
     (png,) = report.write_plots(tmp_path, rows, "NVIDIA H200, epkern 0.1.0")
-    assert png.name == "dispatch_h7168_e256_k8_R2_s24.png"
-    series = report._series(rows)[("dispatch", "dispatch", "h7168 e256 k8 R2 s24")]
-    assert sorted(series) == ["deepep 1.0 (eager)", "deepep 1.0 (graph)", "epkern 1.0 (eager)", "epkern 1.0 (graph)"]
+    assert png.name == "dispatch_h7168_e256_k8_R2.png"
+    series = report._series(rows)[("dispatch", "dispatch", "h7168 e256 k8 R2")]
+    assert sorted(series) == ["deepep 1.0 (eager, 24 SMs)", "deepep 1.0 (graph, 24 SMs)", "epkern 1.0 (eager, 24 SMs)",
+                              "epkern 1.0 (graph, 24 SMs)"]
     header = {"device": {"name": "NVIDIA H200", "count": 1, "driver": "13.0", "torch": "2.13"},
               "epkern_version": "0.1.0", "commit": "abc", "notes": [SHARED_NOTE],
               "implementations": [{"name": "deepep", "importable": True, "available": True, "version": "1.2.1",

@@ -58,21 +58,22 @@ def _csv_value(v):
     return v
 
 
-def shape_label(r: dict) -> str:
-    """'h7168 e256 k8 R2 s24': the shape fields a row has."""
-    parts = [f"{p}{r[k]}" for p, k in (("h", "hidden"), ("e", "experts"), ("k", "topk"), ("R", "ranks"),
-                                       ("s", "num_sms")) if r.get(k) is not None]
-    return " ".join(parts)
+def shape_label(r: dict, sms: bool = True) -> str:
+    """'h7168 e256 k8 R2 s24': the shape fields a row has (the SM count unless sms=False)."""
+    fields = (("h", "hidden"), ("e", "experts"), ("k", "topk"), ("R", "ranks")) + ((("s", "num_sms"),) if sms else ())
+    return " ".join(f"{p}{r[k]}" for p, k in fields if r.get(k) is not None)
 
 
 def _series(rows: list[dict]) -> dict:
-    """(what, op, shape label) -> {line label: [(tokens, us, GB/s)]}, for rows that have a token count."""
+    """(what, op, shape label) -> {line label: [(tokens, us, GB/s)]}, for rows that have a token count;
+    one plot holds every implementation and SM count of a shape."""
     groups: dict = {}
     for r in rows:
         if r.get("tokens") is None or r.get("median_us") is None:
             continue
-        shape = shape_label(r)
-        line = f"{r['impl']} {r['version']} ({r['mode']})"
+        shape = shape_label(r, sms=False)
+        sms = f", {r['num_sms']} SMs" if r.get("num_sms") is not None else ""
+        line = f"{r['impl']} {r['version']} ({r['mode']}{sms})"
         groups.setdefault((r["what"], r["op"], shape), {}).setdefault(line, []).append(
             (r["tokens"], r["median_us"], r.get("bandwidth_gbs")))
     return groups
@@ -103,7 +104,7 @@ def write_plots(out: Path, rows: list[dict], title: str) -> list[Path]:
         ax_t.set_yscale("log")
         ax_t.legend(fontsize=7)
         kernel = what if what == op else f"{what} {op}"
-        fig.suptitle(f"{kernel}, {shape} (h hidden, e experts, k top-k, R ranks, s SMs) - {title}", fontsize=9)
+        fig.suptitle(f"{kernel}, {shape} (h hidden, e experts, k top-k, R ranks) - {title}", fontsize=9)
         fig.tight_layout()
         name = f"{kernel}_{shape}".replace(" ", "_").replace("/", "-")
         path = out / f"{name}.png"
