@@ -12,6 +12,7 @@
 | EPKERN_RANKS_PER_NODE | ranks per node for multi-node EP (1 = each GPU its own node, for tests on one machine) | LOCAL_WORLD_SIZE, else host names |
 | EPKERN_LPLB_FUSED | 0 = Planner.run launches count, solve and map separately instead of one cooperative kernel | 1 |
 | EPKERN_CHECK_VALUES | 1 = index values (expert ids) are checked on the device by the kernels that read them, raised at the next check (epkern.check_errors); 2 = also before launch on the host (one sync per call; skipped during CUDA-graph capture); 0 = off | 1 |
+| EPKERN_TUNED_CONFIG | a tuned-config JSON from `epkern tune`: Buffer.get_dispatch_config/get_combine_config read it | unset (built-in defaults) |
 """
 from __future__ import annotations
 
@@ -146,4 +147,10 @@ def parse_check_level(raw: str | None) -> int:
 def lplb_fused() -> bool:
     """Planner.run as one cooperative kernel (solver/run_kernel.py) where it applies."""
     return env_bool("EPKERN_LPLB_FUSED", True)
+
+
+def tuned_config_path() -> Path | None:
+    raw = os.environ.get("EPKERN_TUNED_CONFIG", "").strip()
+    return Path(raw).expanduser() if raw else None
+
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .events import EventHandle, EventOverlap, cuda_event
+from . import tuning
 from .layout import get_dispatch_layout as _layout
 from .normal import kernels as ik
 from .normal import payload
@@ -237,12 +238,12 @@ class Buffer:
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         chunks = {2: (24, 256), 4: (6, 256), 8: (6, 256)}.get(num_ranks, (6, 256))
-        return Config(Buffer.num_sms, *chunks, 6, 128)
+        return tuning.config_for("dispatch", num_ranks) or Config(Buffer.num_sms, *chunks, 6, 128)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
         chunks = {2: (10, 256), 4: (9, 256), 8: (4, 256)}.get(num_ranks, (4, 256))
-        return Config(Buffer.num_sms, *chunks, 6, 128)
+        return tuning.config_for("combine", num_ranks) or Config(Buffer.num_sms, *chunks, 6, 128)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,

@@ -1,4 +1,4 @@
-"""The `epkern` command: info, precompile, cache list|clear, --version.
+"""The `epkern` command: info, precompile, cache list|clear, bench, tune, --version.
 
 One subparser per command (build_parser), each with set_defaults(func=cmd_x). User errors
 (a bad config, arch or option) print one line naming the file / field and exit 2; a cache
@@ -61,10 +61,13 @@ def cmd_precompile(args) -> int:
 
     from epkern.codegen import cache, compiler, jit, knobs
     from epkern.deployment import DeploymentError, load_deployments, plan
+    from epkern.tuning import precompile_specs
 
     try:
         arch = compiler.target_arch(args.arch)
-        specs, skips = plan(load_deployments(args.config))
+        deployments = load_deployments(args.config)
+        specs, skips = plan(deployments)
+        specs = precompile_specs(deployments, args.tuned, specs)  # + the tuned file's num_sms variants
     except DeploymentError as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:  # the architecture
@@ -144,10 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--jobs", type=_jobs, default=0, help="parallel compiles (default: CPU count)")
     pre.add_argument("--strict", action="store_true",
                      help="fail if the config makes any kernel family skip part of its kernels")
+    pre.add_argument("--tuned", help="tuned-config file from `epkern tune` (default: EPKERN_TUNED_CONFIG)")
     pre.set_defaults(func=cmd_precompile)
     c = sub.add_parser("cache", help="list or clear the kernel cache")
     c.add_argument("action", choices=["list", "clear"])
     c.set_defaults(func=cmd_cache)
+    from epkern.bench import add_parsers as add_bench_parsers  # bench, tune (epkern/bench/cli.py)
+
+    add_bench_parsers(sub)
     return parser
 
 
