@@ -239,7 +239,7 @@ def test_kernel_reports_out_of_range_ids_at_the_next_check():
     topk = torch.full((8, 2), 256, dtype=torch.int64, device="cuda")
     topk[3, 1] = -7
     per_rank, per_expert, in_rank = get_dispatch_layout(topk, 256, 8)  # no error yet: no sync
-    with pytest.raises(ValueError, match=r"get_dispatch_layout: topk_idx \(layout_e256_r8_k8\) outside \[-1, 256\): "
+    with pytest.raises(ValueError, match=r"get_dispatch_layout: topk_idx \(layout_e256_r8_k2\) outside \[-1, 256\): "
                                          r"16 bad value\(s\)"):
         epkern.check_errors()
     assert per_rank.tolist() == [0] * 8 and per_expert.sum().item() == 0 and not in_rank.any()
