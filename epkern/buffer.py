@@ -67,7 +67,7 @@ class Config:
         hidden = -(-hidden_bytes // 2)
         slot = max(ik.combine_slot_bytes(hidden, num_topk),
                    ik.dispatch_slot_bytes(-(-hidden // 8) * 8, num_topk, False))
-        return ik.required_bytes(num_max_tokens * num_ranks, slot)
+        return max(ik.MIN_PEER_BYTES, ik.required_bytes(num_max_tokens * num_ranks, slot))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         return 0  # intranode only: no RDMA buffer

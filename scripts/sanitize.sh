@@ -68,7 +68,7 @@ launch() {
         if [ "$tool" != plain ]; then
             local extra=()
             [ "$PORTS" = 1 ] && extra=(--port $((49152 + 16 * SLOT)))
-            cmd=("$SAN" --tool "$tool" --log-file "$base.log" --error-exitcode 86 --print-limit 100 "${extra[@]}" "${cmd[@]}")
+            cmd=("$SAN" --tool "$tool" --report-api-errors no --log-file "$base.log" --error-exitcode 86 --print-limit 100 "${extra[@]}" "${cmd[@]}")
         fi
         SLOT=$((SLOT + 1))
         ( timeout -k 15 "$STEP_TIMEOUT" "${cmd[@]}" > "$base.out" 2>&1; echo $? > "$WORK/rc-$tool-$family-$r" ) &

@@ -56,7 +56,10 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                 serial = layer(x)
                 torch.cuda.synchronize()
                 assert torch.equal(overlapped, serial), f"{mode}: overlapped != serial"
-                _close(overlapped, want, f"{mode} seed {seed} vs single process")
+                # decode: the low-latency combine rounds each rank's partial sum to bf16 before the
+                # sum, and a partial sum can exceed the result in magnitude: one bf16 step more
+                _close(overlapped, want, f"{mode} seed {seed} vs single process",
+                       scale=2.0 if mode.startswith("decode") else 1.0)
                 print(f"rank {rank}: {mode} seed {seed} passed", flush=True)
 
         # decode: the whole overlapped step in one CUDA graph, replayed on new inputs

@@ -26,6 +26,7 @@ NOTIFY_OFF = 256
 CHUNK_OFF = 512
 COUNTS_OFF = 32768
 HEADER_BYTES = 1 << 20
+MIN_PEER_BYTES = HEADER_BYTES + (1 << 20)   # the smallest peer buffer the NVLink backend takes
 FLAG_FRACTION = 17          # the flag area takes 1/17 of the rest: 4 bytes per >= 64-byte slot
 NOTIFY_THREADS = 1024
 

@@ -45,7 +45,7 @@ class NvlinkBackend:
     def __init__(self, group, rank: int, num_ranks: int, num_nvl_bytes: int, timeout_s: float):
         if num_ranks > ik.MAX_RANKS:
             raise ValueError(f"the NVLink backend supports up to {ik.MAX_RANKS} ranks, the group has {num_ranks}")
-        min_bytes = ik.HEADER_BYTES + (1 << 20)
+        min_bytes = ik.MIN_PEER_BYTES
         if num_nvl_bytes < min_bytes:
             raise ValueError(f"num_nvl_bytes={num_nvl_bytes}: the NVLink backend needs at least {min_bytes} bytes; "
                              "size it with Config.get_nvl_buffer_size_hint")
