@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                 eager = layer(x)
                 torch.cuda.synchronize()
                 assert torch.equal(static_y, eager), f"{name}: graph replay seed {seed} != eager"
-                _close(eager, reference(x), f"{name}: graph replay seed {seed} vs single process")
+                _close(eager, reference(x), f"{name}: graph replay seed {seed} vs single process", scale=2.0)
             print(f"rank {rank}: {name} graph replay passed", flush=True)
 
         # LPLB planner (no all-reduce: a gloo group cannot reduce CUDA tensors in order with the kernels)
