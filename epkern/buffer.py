@@ -177,7 +177,7 @@ class Buffer:
             if backend == "nvlink":
                 raise ValueError(f"backend='nvlink': the group spans {topology.num_nodes} nodes "
                                  f"({topology.ranks_per_node} ranks each); NVLink reaches one node")
-            made = HierarchicalTorchBackend(self.group, self.rank, self.group_size, topology)
+            made = HierarchicalTorchBackend(self.group, self.rank, self.group_size, topology, self.timeout_s)
         else:
             use_nvlink = backend == "nvlink"
             if backend == "auto":

@@ -1,7 +1,8 @@
 """Normal mode across nodes over torch.distributed: the network hop, then the NVLink hop.
 
-Dispatch: (1) one all-gather of each rank's counts (tokens per rank, per node, per expert), from
-which every split size of both hops follows (`routing.splits`); (2) each token crosses the network
+Dispatch: (1) each rank's counts (tokens per rank, per node, per expert) ride in the call header
+every rank posts to the group's store under timeout_s (epkern.normal.header, as the single-node
+torch backend), and every split size of both hops follows from them (`routing.splits`); (2) each token crosses the network
 once per destination node, over the rail group (ranks with our local index), carrying the mask of
 that node's ranks it reaches and its final row at each of them; (3) the forwarder sends it on over
 the node group to each of them; (4) every row lands at its final position, so received rows are
@@ -11,7 +12,10 @@ Combine reverses the path: rows return to their forwarder, which sums a token's 
 source sums the nodes' partial sums (fp32) and rounds once more to the input's dtype.
 
 Both hops run `all_to_all_single` (NCCL between GPUs, gloo on CPU), so the split sizes go to the
-host: one sync per call, as epkern.normal's torch backend.
+host: one sync per call, as epkern.normal's torch backend. The header makes a rank that never
+calls raise PeerTimeoutError naming it on every waiting rank, and ranks that disagree (hidden
+size, dtypes, top-k, handles of different dispatches: each hop's send and receive sizes) raise
+one ValueError on every rank, before either hop starts.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..normal.handle import aligned_counts, send_head_from_counts
-from ..normal.torch_backend import _as_bytes, _from_bytes
+from ..normal.header import CallHeaders
+from ..normal.torch_backend import _as_bytes, _describe, _from_bytes
 from . import routing
 from .topology import NodeTopology
 
@@ -52,10 +57,12 @@ class HierarchicalTorchBackend:
     carries_any_row = True    # every row travels as bytes
     peer = None               # no peer buffer
 
-    def __init__(self, group, rank: int, num_ranks: int, topology: NodeTopology):
+    def __init__(self, group, rank: int, num_ranks: int, topology: NodeTopology, timeout_s: float | None = None):
         if topology.num_ranks != num_ranks:
             raise ValueError(f"topology of {topology.num_ranks} ranks for a group of {num_ranks}")
         self.group, self.rank, self.num_ranks, self.topology = group, rank, num_ranks, topology
+        self.headers = CallHeaders(group, rank, num_ranks, timeout_s, self.name)
+        self.timeout_s = self.headers.timeout_s
         members = dist.get_process_group_ranks(group)
         # every rank creates every subgroup, in one order (torch.distributed requires it)
         node_groups = [dist.new_group([members[r] for r in topology.node_ranks(n)])
@@ -66,24 +73,36 @@ class HierarchicalTorchBackend:
         self.rail_group = rail_groups[topology.local_of(rank)]
 
     # -- plumbing ----------------------------------------------------------------------------------
-    @staticmethod
-    def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+                    op: str) -> torch.Tensor:
         recv = torch.empty(sum(recv_splits), send.shape[1], dtype=send.dtype, device=send.device)
-        if len(send_splits) == 1:
-            recv.copy_(send)
-        else:
-            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+        self.headers.all_to_all(recv, send, recv_splits, send_splits, group, op)
         return recv
 
-    def _exchange_counts(self, is_token_in_rank, is_token_in_node, num_tokens_per_expert):
+    def _exchange_counts(self, agree: dict, is_token_in_rank, is_token_in_node, num_tokens_per_expert):
+        """Our counts in the call header -> (counts [R, R], node_counts [R, N], our per-expert counts)."""
         mine = torch.cat([is_token_in_rank.sum(0), is_token_in_node.sum(0), num_tokens_per_expert]).to(torch.int64)
-        gathered = [torch.empty_like(mine) for _ in range(self.num_ranks)]
-        dist.all_gather(gathered, mine, group=self.group)
-        table = torch.stack(gathered).cpu()
+        table = torch.tensor(self.headers.exchange("dispatch", agree, counts=mine.tolist()), dtype=torch.int64)
         R, N = self.num_ranks, self.topology.num_nodes
         per_rank = num_tokens_per_expert.numel() // R
         lo = R + N + self.rank * per_rank
         return table[:, :R], table[:, R:R + N], table[:, lo:lo + per_rank].sum(0).tolist()
+
+    def _flows(self, split: dict[str, list[int]], back: bool) -> dict[str, tuple[list[int], list[int]]]:
+        """Per hop, the rows this rank sends to each rank of the group and expects from each (for
+        the header's check); back: combine's direction."""
+        topo, R = self.topology, self.num_ranks
+        rail, node = topo.rail_ranks(topo.local_of(self.rank)), topo.node_ranks(topo.node_of(self.rank))
+
+        def spread(sizes: list[int], peers: list[int]) -> list[int]:
+            out = [0] * R
+            for peer, n in zip(peers, sizes):
+                out[peer] = n
+            return out
+
+        network = (spread(split["hop1_send"], rail), spread(split["hop1_recv"], rail))
+        nvlink = (spread(split["hop2_send"], node), spread(split["hop2_recv"], node))
+        return {"network": network[::-1] if back else network, "NVLink": nvlink[::-1] if back else nvlink}
 
     # -- dispatch ----------------------------------------------------------------------------------
     def dispatch(self, *, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
@@ -91,9 +110,12 @@ class HierarchicalTorchBackend:
         topo, rank, device = self.topology, self.rank, x.device
         L = topo.ranks_per_node
         per_expert_list = None
+        agree = dict(cached=handle is not None, hidden=x.shape[1], x=_describe(x), scales=_describe(x_scales),
+                     topk_idx=_describe(topk_idx), topk_weights=_describe(topk_weights),
+                     num_experts=None if num_tokens_per_expert is None else num_tokens_per_expert.numel())
         if handle is None:
             is_token_in_node = routing.tokens_in_node(is_token_in_rank, topo)
-            counts, node_counts, per_expert = self._exchange_counts(is_token_in_rank, is_token_in_node,
+            counts, node_counts, per_expert = self._exchange_counts(agree, is_token_in_rank, is_token_in_node,
                                                                      num_tokens_per_expert)
             rank_prefix = counts.cumsum(0).to(torch.int32).to(device)
             per_expert_list = [] if num_worst_tokens > 0 else aligned_counts(per_expert, expert_alignment)
@@ -104,6 +126,8 @@ class HierarchicalTorchBackend:
         if num_worst_tokens and num_recv > num_worst_tokens:
             raise ValueError(f"num_worst_tokens={num_worst_tokens}: rank {rank} receives {num_recv} tokens")
         split = routing.splits(counts, node_counts, topo, rank)
+        if handle is not None:  # every rank's handle must be of the same dispatch
+            self.headers.exchange("dispatch", agree, flows=self._flows(split, back=False))
 
         # (2) network hop: payload | local mask | final row at each local rank, one row per (token, node)
         hop1_node, hop1_token = routing.hop1_send_order(is_token_in_node)
@@ -122,7 +146,7 @@ class HierarchicalTorchBackend:
         payload_bytes = sum(p.shape[1] for p in payload)
         send1 = torch.cat(payload + [_as_bytes(mask.to(torch.uint8)), _as_bytes(slots.to(torch.int32))], dim=1) \
             if len(hop1_token) else torch.empty(0, payload_bytes + 5 * L, dtype=torch.uint8, device=device)
-        recv1 = self._all_to_all(send1, split["hop1_send"], split["hop1_recv"], self.rail_group)
+        recv1 = self._all_to_all(send1, split["hop1_send"], split["hop1_recv"], self.rail_group, "dispatch")
 
         # (3) NVLink hop: each network row to every local rank of its mask, with its final row there
         recv_mask = recv1[:, payload_bytes:payload_bytes + L].bool()
@@ -130,7 +154,7 @@ class HierarchicalTorchBackend:
         dest_local, forward_row = routing.hop2_send_order(recv_mask)
         send2 = torch.cat([recv1[forward_row, :payload_bytes],
                            _as_bytes(recv_slots[forward_row, dest_local].view(-1, 1))], dim=1)
-        recv2 = self._all_to_all(send2, split["hop2_send"], split["hop2_recv"], self.node_group)
+        recv2 = self._all_to_all(send2, split["hop2_send"], split["hop2_recv"], self.node_group, "dispatch")
 
         # (4) every row to its final position, padded to num_worst_tokens rows
         hop2_slot = _from_bytes(recv2[:, payload_bytes:], torch.int32, (recv2.shape[0],)).long()
@@ -168,6 +192,8 @@ class HierarchicalTorchBackend:
         split = routing.splits(handle.counts, handle.node_counts, topo, rank)
         H, dtype = x.shape[1], x.dtype
         K = topk_weights.shape[1] if topk_weights is not None else 0
+        self.headers.exchange("combine", dict(hidden=H, x=_describe(x)[:1], topk_weights=_describe(topk_weights)),
+                              flows=self._flows(split, back=True))
 
         def pack(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
             parts = [_as_bytes(rows.to(dtype))] + ([_as_bytes(weights.float())] if K else [])
@@ -188,11 +214,12 @@ class HierarchicalTorchBackend:
         # NVLink hop back: each received row to the forwarder it came from, summed there per network row
         slot = handle.hop2_slot
         back2 = self._all_to_all(pack(x[slot], topk_weights[slot] if K else None), split["hop2_recv"],
-                                 split["hop2_send"], self.node_group)
+                                 split["hop2_send"], self.node_group, "combine")
         num_rows1 = sum(split["hop1_recv"])
         partial, partial_w = reduce(handle.forward_row, num_rows1, back2)
         # network hop back: one partial sum per (token, node), summed at the source
-        back1 = self._all_to_all(pack(partial, partial_w), split["hop1_recv"], split["hop1_send"], self.rail_group)
+        back1 = self._all_to_all(pack(partial, partial_w), split["hop1_recv"], split["hop1_send"], self.rail_group,
+                                 "combine")
         acc, acc_w = reduce(handle.hop1_token, handle.num_tokens, back1)
         for b in bias:
             acc += b.float()

@@ -7,27 +7,22 @@ ids and weights, source index packed side by side), so one collective moves a wh
 all_to_all_single needs its split sizes on the host, so this backend always syncs once per
 call, num_worst_tokens included (the NVLink backend does not).
 
-Every call first exchanges a small header through the group's store, under the timeout: the
-call (dispatch or combine, its sequence number), shapes, dtypes and the counts the data
-collective will use. A rank that does not arrive within timeout_s makes every waiting rank
-raise PeerTimeoutError naming it; ranks that disagree (hidden sizes, dtypes, top-k, handles
-of different dispatches) all raise the same ValueError naming the field and each rank's
-value, before any collective whose sizes would disagree (gloo aborts the process on those).
+Every call first exchanges a small header through the group's store, under the timeout
+(epkern.normal.header, shared with the two-hop backend): the call, shapes, dtypes and the counts
+the data collective will use. A rank that does not arrive within timeout_s makes every waiting
+rank raise PeerTimeoutError naming it; ranks that disagree (hidden sizes, dtypes, top-k, handles
+of different dispatches) all raise the same ValueError on every rank, before any collective.
 The counts of a fresh dispatch travel in that header, so it costs no extra collective.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import math
 
 import torch
 import torch.distributed as dist
 
 from .handle import DispatchHandle, aligned_counts, channel_matrices, send_head_from_counts
-from .nvlink import PeerTimeoutError
-
-_INSTANCES: dict[str, int] = {}  # backends created per group (the same order on every rank)
+from .header import CallHeaders
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -56,83 +51,17 @@ class TorchBackend:
     peer = None               # no peer buffer
 
     def __init__(self, group, rank: int, num_ranks: int, timeout_s: float | None = None):
-        from epkern.codegen import knobs
-
         self.group = group
         self.rank = rank
         self.num_ranks = num_ranks
-        self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else float(timeout_s)
-        self.seq = 0
-        self._store = None
-        if num_ranks > 1:
-            from torch.distributed import distributed_c10d
-
-            self._store = distributed_c10d._get_default_store()
-            ranks = ",".join(map(str, dist.get_process_group_ranks(group)))
-            _INSTANCES[ranks] = n = _INSTANCES.get(ranks, 0) + 1
-            self._prefix = f"epkern/torch_backend/{ranks}/{n}/"
-
-    # -- the header exchange -----------------------------------------------------------------------
-    def _exchange(self, header: dict) -> list[dict]:
-        """Every rank's header of this call (this rank's included), or a clear error on every rank."""
-        self.seq += 1
-        header = dict(header, seq=self.seq)
-        if self._store is None:
-            return [header]
-        R, store = self.num_ranks, self._store
-        keys = [f"{self._prefix}{self.seq}/{r}" for r in range(R)]
-        store.set(keys[self.rank], json.dumps(header))
-        if self.seq > 2:  # every rank has read call seq - 2's headers: it posted seq - 1 after them
-            try:
-                store.delete_key(f"{self._prefix}{self.seq - 2}/{self.rank}")
-            except (RuntimeError, NotImplementedError):
-                pass
-        try:
-            store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
-        except RuntimeError as exc:  # DistStoreError: the timeout
-            missing = [r for r, k in enumerate(keys) if not store.check([k])]
-            if not missing:
-                raise
-            who = ", ".join(map(str, missing))
-            raise PeerTimeoutError(
-                f"{header['op']} #{self.seq} on rank {self.rank} (torch backend): rank{'s' if len(missing) > 1 else ''} "
-                f"{who} did not arrive within {self.timeout_s:g} s (timeout_s / EPKERN_TIMEOUT_S); every rank of "
-                f"the group must make the same dispatch and combine calls") from None
-        headers = [json.loads(v) for v in store.multi_get(keys)]
-        fields = ("op", "cached", "hidden", "x", "scales", "topk_idx", "topk_weights", "num_experts")
-        for field in fields:
-            values = [h.get(field) for h in headers]
-            if any(v != values[0] for v in values):
-                per_rank = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-                raise ValueError(f"{header['op']} #{self.seq} on rank {self.rank} (torch backend): the ranks disagree "
-                                 f"on {field} ({per_rank}); every rank must pass the same hidden size, dtypes and "
-                                 f"top-k, and handles of the same dispatch")
-        if "send" in header:  # rows r sends to s must be the rows s expects from r
-            for r in range(R):
-                for s in range(R):
-                    if headers[r]["send"][s] != headers[s]["recv"][r]:
-                        raise ValueError(
-                            f"{header['op']} #{self.seq} on rank {self.rank} (torch backend): rank {r} sends "
-                            f"{headers[r]['send'][s]} rows to rank {s}, which expects {headers[s]['recv'][r]}: the "
-                            f"handles come from different dispatches")
-        return headers
-
-    def _all_to_all(self, recv, send, recv_splits, send_splits, what: str) -> None:
-        """The data collective; on a CPU (gloo) group it also waits under the timeout."""
-        if send.device.type != "cpu":
-            self._all_to_all(recv, send, recv_splits, send_splits, "dispatch")
-            return
-        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=True)
-        try:
-            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
-        except RuntimeError as exc:
-            raise PeerTimeoutError(f"{what} #{self.seq} on rank {self.rank} (torch backend): the data exchange did "
-                                   f"not complete within {self.timeout_s:g} s ({exc})") from None
+        self.headers = CallHeaders(group, rank, num_ranks, timeout_s, "torch")
+        self.timeout_s = self.headers.timeout_s
 
     # -- counts ------------------------------------------------------------------------------------
-    def _exchange_counts(self, headers: list[dict], num_tokens_per_expert: torch.Tensor):
-        """All ranks' [R + E] counts (from the headers) -> (counts [R src, R dst], our per-expert counts)."""
-        table = torch.tensor([h["counts"] for h in headers], dtype=torch.int64)
+    def _exchange_counts(self, agree: dict, num_tokens_per_rank, num_tokens_per_expert: torch.Tensor):
+        """Our [R + E] counts in the header -> (counts [R src, R dst], our per-expert counts)."""
+        mine = torch.cat([num_tokens_per_rank.to(torch.int64), num_tokens_per_expert.to(torch.int64)]).tolist()
+        table = torch.tensor(self.headers.exchange("dispatch", agree, counts=mine), dtype=torch.int64)
         R = self.num_ranks
         per_rank = table[:, :R]
         experts_per_rank = num_tokens_per_expert.numel() // R
@@ -151,13 +80,11 @@ class TorchBackend:
         R, rank = self.num_ranks, self.rank
         device = x.device
         per_expert_list = None
-        header = dict(op="dispatch", cached=handle is not None, hidden=x.shape[1], x=_describe(x),
-                      scales=_describe(x_scales), topk_idx=_describe(topk_idx), topk_weights=_describe(topk_weights),
-                      num_experts=None if num_tokens_per_expert is None else num_tokens_per_expert.numel())
+        agree = dict(cached=handle is not None, hidden=x.shape[1], x=_describe(x),
+                     scales=_describe(x_scales), topk_idx=_describe(topk_idx), topk_weights=_describe(topk_weights),
+                     num_experts=None if num_tokens_per_expert is None else num_tokens_per_expert.numel())
         if handle is None:
-            header["counts"] = torch.cat([num_tokens_per_rank.to(torch.int64),
-                                          num_tokens_per_expert.to(torch.int64)]).tolist()
-            counts, per_expert = self._exchange_counts(self._exchange(header), num_tokens_per_expert)
+            counts, per_expert = self._exchange_counts(agree, num_tokens_per_rank, num_tokens_per_expert)
             rank_prefix = counts.cumsum(0).to(torch.int32)
             rank_prefix_dev = rank_prefix.to(device)
             send_head = send_head_from_counts(is_token_in_rank, rank_prefix_dev, rank)
@@ -167,7 +94,7 @@ class TorchBackend:
             rank_prefix = rank_prefix_dev.cpu().to(torch.int64)
             counts = torch.diff(rank_prefix, dim=0, prepend=torch.zeros(1, R, dtype=torch.int64))
             is_token_in_rank, send_head = handle.is_token_in_rank, handle.send_head
-            self._exchange(dict(header, send=counts[rank].tolist(), recv=counts[:, rank].tolist()))
+            self.headers.exchange("dispatch", agree, flows={"data": (counts[rank].tolist(), counts[:, rank].tolist())})
         send_splits = counts[rank].tolist()
         recv_splits = counts[:, rank].tolist()
         num_recv = sum(recv_splits)
@@ -191,7 +118,7 @@ class TorchBackend:
         send = torch.cat(parts, dim=1) if len(token) else torch.empty(0, sum(p.shape[1] for p in parts),
                                                                       dtype=torch.uint8, device=device)
         recv = torch.empty(num_recv, send.shape[1], dtype=torch.uint8, device=device)
-        self._all_to_all(recv, send, recv_splits, send_splits, "dispatch")
+        self.headers.all_to_all(recv, send, recv_splits, send_splits, self.group, "dispatch")
 
         # unpack into fresh tensors, padded to num_worst_tokens rows
         rows = max(num_recv, num_worst_tokens)
@@ -226,15 +153,15 @@ class TorchBackend:
         rank_prefix = handle.rank_prefix_matrix.cpu().to(torch.int64)
         counts = torch.diff(rank_prefix, dim=0, prepend=torch.zeros(1, R, dtype=torch.int64))
         num_recv = int(rank_prefix[R - 1, rank])
-        self._exchange(dict(op="combine", hidden=x.shape[1], x=_describe(x)[:1], topk_weights=_describe(topk_weights),
-                            send=counts[:, rank].tolist(), recv=counts[rank].tolist()))
+        self.headers.exchange("combine", dict(hidden=x.shape[1], x=_describe(x)[:1], topk_weights=_describe(topk_weights)),
+                              flows={"data": (counts[:, rank].tolist(), counts[rank].tolist())})
         parts = [_as_bytes(x[:num_recv])]
         if topk_weights is not None:
             parts.append(_as_bytes(topk_weights[:num_recv]))
         send = torch.cat(parts, dim=1)
         _, token = self._send_order(handle.is_token_in_rank)
         back = torch.empty(len(token), send.shape[1], dtype=torch.uint8, device=device)
-        self._all_to_all(back, send, counts[rank].tolist(), counts[:, rank].tolist(), "combine")
+        self.headers.all_to_all(back, send, counts[rank].tolist(), counts[:, rank].tolist(), self.group, "combine")
 
         # each token: the sum of the rows every rank it reached sent back (fp32 accumulation)
         T, H = handle.num_tokens, x.shape[1]
