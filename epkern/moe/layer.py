@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from epkern import hooks
+from epkern.buffer import _tensors
 from epkern.fp8 import per_token_cast_back, per_token_cast_to_fp8
 from epkern.validate import check_positive_int, check_tensor
 
@@ -43,15 +44,6 @@ from .experts import dense_mlp, experts_low_latency, experts_normal
 from .routing import check_routing, route
 
 MODES = ("prefill", "decode")
-
-
-def _tensors(obj):
-    """Every tensor inside nested tuples/lists."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
 
 
 def _accepts(fn, name: str) -> bool:
