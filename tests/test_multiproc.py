@@ -23,6 +23,19 @@ def test_cpu_group_gathers_and_returns_in_rank_order():
     assert not any(cuda for _, _, cuda in out)
 
 
+def _env_at_setup(rank, num_ranks, name):
+    return os.environ.get(name), dist.get_world_size()
+
+
+def test_env_is_set_in_every_rank_only():
+    name = "EPKERN_TEST_MULTIPROC_ENV"
+    out = multiproc.run(_env_at_setup, 2, "cpu", name, env={name: "7"}, timeout_s=120)
+    assert out == [("7", 2)] * 2
+    assert name not in os.environ
+    with pytest.raises(TypeError, match="env"):
+        multiproc.run(_sleep, 2, "cpu", env={name: 7})
+
+
 def _fail_or_wait(rank, num_ranks):
     if rank == 0:
         raise ValueError("rank zero broke")

@@ -11,9 +11,11 @@ Group kinds:
   None    no process group (plain processes).
 Processes are spawned (a fresh interpreter each, as CUDA needs), the group rendezvous on a free TCP
 port of this host, NVLink multicast is kept off (NCCL_NVLS_ENABLE=0 and friends, unless set), and
-every rank's return value comes back in rank order. A rank that raises, or dies without a result,
-makes `run` raise RankError with every failing rank's traceback, once the other ranks have finished
-or been stopped; ranks still running at the timeout are stopped and named in a TimeoutError.
+every rank's return value comes back in rank order; `env` sets variables in every rank before
+its group is set up (EPKERN_RANKS_PER_NODE, NCCL_P2P_DISABLE, ...), leaving this process's alone.
+A rank that raises, or dies without a result, makes `run` raise RankError with every failing
+rank's traceback, once the other ranks have finished or been stopped; ranks still running at the
+timeout are stopped and named in a TimeoutError.
 
 `all_gather(t, group)` gathers a tensor from every rank of a group of either kind: CUDA tensors go
 through the CPU when the group is not NCCL (gloo gathers CPU tensors only).
@@ -77,8 +79,9 @@ def init_group(rank: int, num_ranks: int, kind: str | None, port: int, num_gpus:
     dist.init_process_group("nccl" if kind == "nccl" else "gloo", rank=rank, world_size=num_ranks, **extra)
 
 
-def _child(rank, num_ranks, kind, port, num_gpus, fn, args, results):
+def _child(rank, num_ranks, kind, port, num_gpus, env, fn, args, results):
     try:
+        os.environ.update(env)
         init_group(rank, num_ranks, kind, port, num_gpus)
         try:
             out = fn(rank, num_ranks, *args)
@@ -92,16 +95,19 @@ def _child(rank, num_ranks, kind, port, num_gpus, fn, args, results):
 
 
 def run(fn, num_ranks: int, kind: str | None, *args, num_gpus: int | None = None, timeout_s: float = 900.0,
-        grace_s: float = 10.0) -> list:
+        grace_s: float = 10.0, env: dict[str, str] | None = None) -> list:
     """fn(rank, num_ranks, *args) in num_ranks spawned processes, each in a group of `kind`; returns
     the results in rank order (they must pickle: CPU tensors, numbers, lists). fn must be importable
     by name (a module-level function). num_gpus: how many GPUs "gloo" ranks share (default all).
     After a rank fails, the others get grace_s seconds to report before they are stopped (they may
-    be waiting on the failed rank)."""
+    be waiting on the failed rank). env: variables set in every rank before its group is set up."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {list(KINDS)}")
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
         raise ValueError(f"num_ranks={num_ranks!r}: expected an int >= 1")
+    env = dict(env or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError(f"env={env!r}: expected a dict of str names to str values")
     if kind in ("nccl", "gloo"):
         available = torch.cuda.device_count()
         need = num_ranks if kind == "nccl" else 1
@@ -111,7 +117,7 @@ def run(fn, num_ranks: int, kind: str | None, *args, num_gpus: int | None = None
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, num_ranks, kind, port, num_gpus, fn, args, results))
+    procs = [ctx.Process(target=_child, args=(r, num_ranks, kind, port, num_gpus, env, fn, args, results))
              for r in range(num_ranks)]
     for p in procs:
         p.start()
