@@ -1,16 +1,14 @@
 """Normal mode across nodes on CPU: the two-hop routing against a brute-force enumeration of
 routes, and a 4-process gloo round trip (2 processes per "node") that must equal single-node mode."""
-import os
 import random
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from epkern.internode import NodeTopology
 from epkern.internode import routing
+from epkern.testing import multiproc
 
 
 def _random_layouts(R: int, T: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -56,55 +54,50 @@ def test_topology_rejects_uneven_nodes():
         NodeTopology(8, 3)
 
 
-def _worker(rank, world, per_node, init_file, seed):
+def _worker(rank, world, per_node, seed):
     from epkern.internode import HierarchicalTorchBackend, detect_topology
     from epkern.layout import get_dispatch_layout
     from epkern.normal.torch_backend import TorchBackend
 
-    torch.set_num_threads(1)
-    os.environ["EPKERN_RANKS_PER_NODE"] = str(per_node)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        topo = detect_topology(dist.group.WORLD)
-        assert (topo.num_nodes, topo.ranks_per_node) == (world // per_node, per_node)
-        hier = HierarchicalTorchBackend(dist.group.WORLD, rank, world, topo)
-        flat = TorchBackend(dist.group.WORLD, rank, world)
-        gen = torch.Generator().manual_seed(seed * 101 + rank)
-        E, K, H = 8 * world, 4, 64
-        for T in (0, 1, 96):
-            topk_idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else \
-                torch.empty(0, K, dtype=torch.int64)
-            if T:
-                topk_idx[torch.rand(T, K, generator=gen) < 0.2] = -1
-            weights = torch.randint(1, 5, (T, K), generator=gen).float() / 4
-            # small integers: every sum is exact, so both paths must agree bit for bit
-            x = torch.randint(-8, 9, (T, H), generator=gen).to(torch.bfloat16)
-            scales = torch.rand(T, H // 32, generator=gen)
-            per_rank, per_expert, in_rank = get_dispatch_layout(topk_idx, E, world)
-            args = dict(x=x, x_scales=scales, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=per_rank,
-                        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, expert_alignment=4,
-                        num_worst_tokens=0, handle=None)
-            want = flat.dispatch(**args)
-            got = hier.dispatch(**args)
-            for w, g in zip(want[:4], got[:4]):
-                assert torch.equal(w, g)
-            assert want[4] == got[4]
-            assert torch.equal(want[5].recv_src_idx, got[5].recv_src_idx)
-            # cached layout: same rows again; padded: -1 beyond the real rows
-            cached = hier.dispatch(**{**args, "handle": got[5], "topk_idx": None, "topk_weights": None})
-            assert torch.equal(cached[0], got[0])
-            padded = hier.dispatch(**{**args, "num_worst_tokens": got[0].shape[0] + 3})
-            assert torch.equal(padded[0][:got[0].shape[0]], got[0]) and (padded[2][got[0].shape[0]:] == -1).all()
-            # combine: every rank returns its rows scaled by its rank + 1
-            y = (got[0].float() * (rank + 1)).to(torch.bfloat16)
-            bias = (torch.ones(T, H, dtype=torch.bfloat16),)
-            want_c = flat.combine(x=y, handle=want[5], topk_weights=want[3], bias=bias)
-            got_c = hier.combine(x=y, handle=got[5], topk_weights=got[3], bias=bias)
-            assert torch.equal(want_c[0], got_c[0]) and torch.equal(want_c[1], got_c[1])
-            assert torch.equal(got_c[1], torch.where(topk_idx >= 0, weights, 0.0))
-        _check_buffer_routes_across_nodes(rank, world, per_node, gen)
-    finally:
-        dist.destroy_process_group()
+    # the group (gloo, CPU) and EPKERN_RANKS_PER_NODE come from multiproc.run
+    topo = detect_topology(dist.group.WORLD)
+    assert (topo.num_nodes, topo.ranks_per_node) == (world // per_node, per_node)
+    hier = HierarchicalTorchBackend(dist.group.WORLD, rank, world, topo)
+    flat = TorchBackend(dist.group.WORLD, rank, world)
+    gen = torch.Generator().manual_seed(seed * 101 + rank)
+    E, K, H = 8 * world, 4, 64
+    for T in (0, 1, 96):
+        topk_idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else \
+            torch.empty(0, K, dtype=torch.int64)
+        if T:
+            topk_idx[torch.rand(T, K, generator=gen) < 0.2] = -1
+        weights = torch.randint(1, 5, (T, K), generator=gen).float() / 4
+        # small integers: every sum is exact, so both paths must agree bit for bit
+        x = torch.randint(-8, 9, (T, H), generator=gen).to(torch.bfloat16)
+        scales = torch.rand(T, H // 32, generator=gen)
+        per_rank, per_expert, in_rank = get_dispatch_layout(topk_idx, E, world)
+        args = dict(x=x, x_scales=scales, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=per_rank,
+                    is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, expert_alignment=4,
+                    num_worst_tokens=0, handle=None)
+        want = flat.dispatch(**args)
+        got = hier.dispatch(**args)
+        for w, g in zip(want[:4], got[:4]):
+            assert torch.equal(w, g)
+        assert want[4] == got[4]
+        assert torch.equal(want[5].recv_src_idx, got[5].recv_src_idx)
+        # cached layout: same rows again; padded: -1 beyond the real rows
+        cached = hier.dispatch(**{**args, "handle": got[5], "topk_idx": None, "topk_weights": None})
+        assert torch.equal(cached[0], got[0])
+        padded = hier.dispatch(**{**args, "num_worst_tokens": got[0].shape[0] + 3})
+        assert torch.equal(padded[0][:got[0].shape[0]], got[0]) and (padded[2][got[0].shape[0]:] == -1).all()
+        # combine: every rank returns its rows scaled by its rank + 1
+        y = (got[0].float() * (rank + 1)).to(torch.bfloat16)
+        bias = (torch.ones(T, H, dtype=torch.bfloat16),)
+        want_c = flat.combine(x=y, handle=want[5], topk_weights=want[3], bias=bias)
+        got_c = hier.combine(x=y, handle=got[5], topk_weights=got[3], bias=bias)
+        assert torch.equal(want_c[0], got_c[0]) and torch.equal(want_c[1], got_c[1])
+        assert torch.equal(got_c[1], torch.where(topk_idx >= 0, weights, 0.0))
+    _check_buffer_routes_across_nodes(rank, world, per_node, gen)
 
 
 def _check_buffer_routes_across_nodes(rank, world, per_node, gen):
@@ -135,8 +128,7 @@ def _check_buffer_routes_across_nodes(rank, world, per_node, gen):
 @pytest.mark.parametrize("world,per_node", [(4, 2), (4, 1)])
 def test_two_hop_round_trip_equals_single_node_mode(world, per_node):
     seed = random.randrange(1 << 20)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_worker, args=(world, per_node, os.path.join(tmp, "init"), seed), nprocs=world, join=True)
-        except Exception as exc:
-            raise AssertionError(f"seed {seed}: {exc}") from exc
+    try:
+        multiproc.run(_worker, world, "cpu", per_node, seed, env={"EPKERN_RANKS_PER_NODE": str(per_node)})
+    except multiproc.RankError as exc:
+        raise AssertionError(f"seed {seed}: {exc}") from exc
