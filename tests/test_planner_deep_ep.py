@@ -3,9 +3,9 @@ planner's device, the GPU by default as in LPLB)."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from epkern.solver import Planner, cube_8p2e
+from epkern.testing import multiproc
 
 
 def _workload(rank):
@@ -13,33 +13,30 @@ def _workload(rank):
     return ((torch.randn(256, generator=gen) * 0.3 + 1).clamp_min(0) * 2**12).int()
 
 
-def _worker(rank, world, init_file, out):
+def _worker(rank, world):
     import epkern
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        buffer = epkern.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, backend="torch")
-        planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, device="cpu")   # no group: no all-reduce
-        with pytest.raises(ValueError, match="ep_size=32"):
-            planner.init_from_deep_ep(buffer)   # 2 ranks in the buffer's group, 32 in the planner
-        planner.ep_size = world   # as if the two processes were the 32 ranks (the solve is the same)
-        planner.init_from_deep_ep(buffer)
-        planner.ep_size = 32
-        planner.init_from_deep_ep(buffer)  # again: nothing happens, as in LPLB
-        assert planner.deep_ep_initialized and planner.ep_group is buffer.group
-        probs, _ = planner.solve_probs(_workload(rank), torch.zeros(1, dtype=torch.int32))
-        torch.save(probs, f"{out}.{rank}")
-        buffer.destroy()
-    finally:
-        dist.destroy_process_group()
+    # the group: gloo on CPU, set up by multiproc.run
+    buffer = epkern.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, backend="torch")
+    planner = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, device="cpu")   # no group: no all-reduce
+    with pytest.raises(ValueError, match="ep_size=32"):
+        planner.init_from_deep_ep(buffer)   # 2 ranks in the buffer's group, 32 in the planner
+    planner.ep_size = world   # as if the two processes were the 32 ranks (the solve is the same)
+    planner.init_from_deep_ep(buffer)
+    planner.ep_size = 32
+    planner.init_from_deep_ep(buffer)  # again: nothing happens, as in LPLB
+    assert planner.deep_ep_initialized and planner.ep_group is buffer.group
+    probs, _ = planner.solve_probs(_workload(rank), torch.zeros(1, dtype=torch.int32))
+    buffer.destroy()
+    return probs
 
 
-def test_init_from_deep_ep_all_reduces_over_the_buffers_group(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+def test_init_from_deep_ep_all_reduces_over_the_buffers_group():
+    results = multiproc.run(_worker, 2, "cpu")
     single = Planner(cube_8p2e(), 256 + 64, 256, ep_size=32, device="cpu")
     expected, _ = single.solve_probs(_workload(0) + _workload(1), torch.zeros(1, dtype=torch.int32))
     for r in range(2):
-        assert torch.equal(torch.load(tmp_path / f"out.{r}"), expected)
+        assert torch.equal(results[r], expected)
 
 
 def test_default_device_follows_lplb():
