@@ -133,8 +133,9 @@ def test_writer_and_plots_on_gpu_rows(tmp_path):
     (png,) = report.write_plots(tmp_path, rows, "NVIDIA H200, epkern 0.1.0")
     assert png.name == "dispatch_h7168_e256_k8_R2.png"
     series = report._series(rows)[("dispatch", "dispatch", "h7168 e256 k8 R2")]
-    assert sorted(series) == ["deepep 1.0 (eager, 24 SMs)", "deepep 1.0 (graph, 24 SMs)", "epkern 1.0 (eager, 24 SMs)",
-                              "epkern 1.0 (graph, 24 SMs)"]
+    assert sorted(series) == ["byte floor", "deepep 1.0 (eager, 24 SMs)", "deepep 1.0 (graph, 24 SMs)",
+                              "epkern 1.0 (eager, 24 SMs)", "epkern 1.0 (graph, 24 SMs)"]
+    assert series["byte floor"] == [(t, t * 7168 * 2 / 393e9 * 1e6, None) for t in (128, 512, 4096)]
     header = {"device": {"name": "NVIDIA H200", "count": 1, "driver": "13.0", "torch": "2.13"},
               "epkern_version": "0.1.0", "commit": "abc", "notes": [SHARED_NOTE],
               "implementations": [{"name": "deepep", "importable": True, "available": True, "version": "1.2.1",

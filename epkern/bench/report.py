@@ -74,9 +74,16 @@ def _series(rows: list[dict]) -> dict:
         shape = shape_label(r, sms=False)
         sms = f", {r['num_sms']} SMs" if r.get("num_sms") is not None else ""
         line = f"{r['impl']} {r['version']} ({r['mode']}{sms})"
-        groups.setdefault((r["what"], r["op"], shape), {}).setdefault(line, []).append(
-            (r["tokens"], r["median_us"], r.get("bandwidth_gbs")))
+        lines = groups.setdefault((r["what"], r["op"], shape), {})
+        lines.setdefault(line, []).append((r["tokens"], r["median_us"], r.get("bandwidth_gbs")))
+        if r.get("floor_us"):   # the byte floor: the same bytes for every implementation of a shape
+            floor = lines.setdefault(FLOOR_LINE, [])
+            if all(p[0] != r["tokens"] for p in floor):
+                floor.append((r["tokens"], r["floor_us"], None))
     return groups
+
+
+FLOOR_LINE = "byte floor"
 
 
 def write_plots(out: Path, rows: list[dict], title: str) -> list[Path]:
@@ -92,7 +99,8 @@ def write_plots(out: Path, rows: list[dict], title: str) -> list[Path]:
         for label, points in sorted(lines.items()):
             points.sort()
             xs = [p[0] for p in points]
-            ax_t.plot(xs, [p[1] for p in points], marker="o", label=label)
+            style = dict(color="gray", linestyle="--") if label == FLOOR_LINE else dict(marker="o")
+            ax_t.plot(xs, [p[1] for p in points], label=label, **style)
             bw = [(p[0], p[2]) for p in points if p[2] is not None]
             if bw:
                 ax_b.plot([p[0] for p in bw], [p[1] for p in bw], marker="o", label=label)
