@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..normal.handle import aligned_counts, send_head_from_counts
 from ..normal.header import CallHeaders
-from ..normal.torch_backend import _as_bytes, _describe, _from_bytes
+from ..normal.torch_backend import RowUnpacker, _as_bytes, _describe, _from_bytes
 from . import routing
 from .topology import NodeTopology
 
@@ -159,15 +159,7 @@ class HierarchicalTorchBackend:
         # (4) every row to its final position, padded to num_worst_tokens rows
         hop2_slot = _from_bytes(recv2[:, payload_bytes:], torch.int32, (recv2.shape[0],)).long()
         rows = max(num_recv, num_worst_tokens)
-        col = 0
-
-        def take(dtype, width, fill):
-            nonlocal col
-            nbytes = width * torch.empty((), dtype=dtype).element_size()
-            out = torch.full((rows, width), fill, dtype=dtype, device=device)
-            out[hop2_slot] = _from_bytes(recv2[:, col:col + nbytes], dtype, (recv2.shape[0], width))
-            col += nbytes
-            return out
+        take = RowUnpacker(recv2, rows, hop2_slot).take
 
         recv_x = take(x.dtype, x.shape[1], 0)
         recv_scales = take(x_scales.dtype, x_scales.shape[1], 0) if x_scales is not None else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from .handle import DispatchHandle, aligned_counts, channel_matrices, send_head_from_counts
 from .header import CallHeaders
@@ -43,6 +42,25 @@ def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Te
 
 def _describe(t: torch.Tensor | None):
     return None if t is None else [str(t.dtype).replace("torch.", ""), list(t.shape[1:])]
+
+
+class RowUnpacker:
+    """Reads the fields of received byte rows in the order they were packed, each into a fresh
+    [rows, width] tensor: received row i lands at out[index[i]] (index: a slice or a tensor of rows);
+    rows not written hold `fill` (padding to num_worst_tokens, or rows no peer sent)."""
+
+    def __init__(self, raw: torch.Tensor, rows: int, index):
+        self.raw, self.rows, self.index, self.col = raw, rows, index, 0
+
+    def take(self, dtype: torch.dtype, width: int, fill) -> torch.Tensor:
+        nbytes = width * torch.empty((), dtype=dtype).element_size()
+        n = self.raw.shape[0]
+        covered = isinstance(self.index, slice) and n == self.rows
+        out = torch.empty((self.rows, width), dtype=dtype, device=self.raw.device) if covered else \
+            torch.full((self.rows, width), fill, dtype=dtype, device=self.raw.device)
+        out[self.index] = _from_bytes(self.raw[:, self.col:self.col + nbytes], dtype, (n, width))
+        self.col += nbytes
+        return out
 
 
 class TorchBackend:
@@ -122,16 +140,7 @@ class TorchBackend:
 
         # unpack into fresh tensors, padded to num_worst_tokens rows
         rows = max(num_recv, num_worst_tokens)
-        col = 0
-
-        def take(dtype, width, fill):
-            nonlocal col
-            nbytes = width * torch.empty((), dtype=dtype).element_size()
-            out = torch.full((rows, width), fill, dtype=dtype, device=device) if rows > num_recv else \
-                torch.empty((rows, width), dtype=dtype, device=device)
-            out[:num_recv] = _from_bytes(recv[:, col:col + nbytes], dtype, (num_recv, width))
-            col += nbytes
-            return out
+        take = RowUnpacker(recv, rows, slice(0, num_recv)).take
 
         recv_x = take(x.dtype, x.shape[1], 0)
         recv_scales = take(x_scales.dtype, x_scales.shape[1], 0) if x_scales is not None else None
