@@ -19,7 +19,7 @@ from epkern import errors
 from epkern.codegen.launch import current_stream_handle
 from epkern.validate import check_positive_int, check_range, check_tensor
 
-from . import eplb, ipm_kernel, ipm_numba, lp, map_kernel
+from . import eplb, ipm_kernel, ipm_numba, lp, map_kernel, run_kernel
 from .topologies import original_to_redundant, validate_r2o
 
 # n_sms chunks of count_workload / weighted_select_target: one per SM (an H200 has 132); by_sm
@@ -375,10 +375,10 @@ class _RunBuffers:
             if self.ticket is None:
                 self.ticket = map_kernel._tickets[key] = map_kernel.SelfResettingZeros(1, dev)
             self.ticket_ptr = self.ticket.tensor.data_ptr()
-            # the fused run's totals [E] and counters [4], left at zero by the kernel
-            self.run_zeros = map_kernel.SelfResettingZeros(E + 4, dev)
+            # the fused run's state (solver/run_kernel.py state_words), kept usable by the kernel
+            self.run_zeros = map_kernel.SelfResettingZeros(run_kernel.state_words(E), dev)
             self.totals_ptr = self.run_zeros.tensor.data_ptr()
-            self.sync_ptr = self.totals_ptr + 4 * E
+            self.sync_ptr = self.totals_ptr + 4 * 2 * E
             self.probs = torch.empty(plan.n_group, plan.group_size, plan.dups, dtype=torch.float32, device=dev)
             self.probs_ptr = self.probs.data_ptr()
             self.gw = torch.empty(E, dtype=torch.float32, device=dev)
@@ -475,8 +475,6 @@ def _fused_launcher(planner: Planner, device: int, n_sms: int):
     """The one-kernel run (solver/run_kernel.py) where it applies: on (EPKERN_LPLB_FUSED, default 1), every
     block resident at once, the kernel available (EPKERN_JIT=0 without it in the cache: the three kernels)."""
     from epkern.codegen import MissingKernelError, knobs
-
-    from . import run_kernel
 
     if not knobs.lplb_fused():
         return None

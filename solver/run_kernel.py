@@ -21,6 +21,15 @@ THREADS = ipm_kernel.THREADS  # one block size for every phase: the solve's
 RUN_CODES = "pqppp" + "pipp" + "pppppp" + "i" + "ppp" + "pp"  # the kernel's parameters (codegen.launch.Launcher)
 
 
+SYNC_WORDS = 8  # the kernel's counters: {arrived, solved} of two sets, the parity, a timed-out flag
+
+
+def state_words(num_experts: int) -> int:
+    """int32 words of the kernel's state, zero before its first launch (it keeps them usable after):
+    two sets of totals [2, E], then the counters (pass state + 2 * E as `sync`)."""
+    return 2 * num_experts + SYNC_WORDS
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec(KernelSpec):
     family = "lplb_run"
