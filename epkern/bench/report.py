@@ -3,7 +3,8 @@
 A row is a flat dict (CSV_FIELDS, plus anything a runner adds): which kernel (`what`, `op`),
 which implementation and version, how it was timed (`mode`: graph replays, eager calls with
 CUDA events, or the host clock on CPU), the shape, the time distribution, bytes and the fraction
-of the byte floor where one is known, and `check` (the result compared with a reference).
+of the floor where one is known (bytes at a rate; the MoE layer: or its FLOPs at the BF16 peak,
+`floor_bound` says which), and `check` (the result compared with a reference).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 from .timing import floor_fields
 
 CSV_FIELDS = ("what", "op", "impl", "version", "mode", "tokens", "hidden", "experts", "topk", "ranks", "num_sms",
-              "median_us", "p10_us", "p90_us", "mean_us", "min_us", "repeats", "bytes_moved", "bandwidth_gbs",
-              "floor_us", "fraction_of_floor", "slowest_rank_median_us", "check", "note")
+              "intermediate", "median_us", "p10_us", "p90_us", "mean_us", "min_us", "repeats", "bytes_moved",
+              "bandwidth_gbs", "tflops", "floor_us", "fraction_of_floor", "slowest_rank_median_us", "check", "note")
 MODES = ("graph", "eager", "host")
 
 
@@ -76,14 +77,14 @@ def _series(rows: list[dict]) -> dict:
         line = f"{r['impl']} {r['version']} ({r['mode']}{sms})"
         lines = groups.setdefault((r["what"], r["op"], shape), {})
         lines.setdefault(line, []).append((r["tokens"], r["median_us"], r.get("bandwidth_gbs")))
-        if r.get("floor_us"):   # the byte floor: the same bytes for every implementation of a shape
+        if r.get("floor_us"):   # the floor: the same for every implementation of a shape
             floor = lines.setdefault(FLOOR_LINE, [])
             if all(p[0] != r["tokens"] for p in floor):
                 floor.append((r["tokens"], r["floor_us"], None))
     return groups
 
 
-FLOOR_LINE = "byte floor"
+FLOOR_LINE = "floor"
 
 
 def write_plots(out: Path, rows: list[dict], title: str) -> list[Path]:
