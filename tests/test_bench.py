@@ -145,6 +145,11 @@ def test_writer_and_plots_on_gpu_rows(tmp_path):
     text = report.summary(header, rows, [], [png])
     assert "deepep 1.2.1: side by side" in text and f"note: {SHARED_NOTE}" in text
     assert "no other implementation importable" not in text
+    # importable, but no rows: the summary says why
+    header["implementations"][1].update(importable=True, available=True, version="0.1.0", reason="")
+    why = {"what": "dispatch", "impl": "nccl-ep", "reason": "NCCL refuses two ranks on one GPU", "failed": False}
+    assert "nccl-ep 0.1.0: not run: NCCL refuses two ranks on one GPU" in report.summary(header, rows, [why], [png])
+    assert "nccl-ep 0.1.0: importable; none of the families" in report.summary(header, rows, [], [png])
     assert len([line for line in text.splitlines() if line.startswith("dispatch")]) == 12
 
 

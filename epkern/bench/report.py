@@ -130,6 +130,16 @@ def _fmt(v, spec: str, empty: str = "-") -> str:
     return format(v, spec)
 
 
+def _standing(impl: dict, rows: list[dict], skipped: list[dict]) -> str:
+    """How another implementation fared: side by side, or why it did not run."""
+    if not impl["available"]:
+        return impl["reason"]
+    if any(r["impl"] == impl["name"] for r in rows):
+        return "side by side"
+    why = next((s["reason"] for s in skipped if s.get("impl") == impl["name"]), None)
+    return f"not run: {why}" if why else "importable; none of the families it runs was measured"
+
+
 def summary(header: dict, rows: list[dict], skipped: list[dict], files: list[Path]) -> str:
     """The one-screen table printed at the end of a run."""
     dev = header["device"]
@@ -144,7 +154,7 @@ def summary(header: dict, rows: list[dict], skipped: list[dict], files: list[Pat
             f"{i['name']}: {i['reason']}" for i in others) + "): epkern's torch backend is the baseline")
     else:
         for i in others:
-            lines.append(f"  {i['name']} {i['version']}: " + ("side by side" if i["available"] else i["reason"]))
+            lines.append(f"  {i['name']} {i['version']}: " + _standing(i, rows, skipped))
     head = f"{'what':<12}{'op':<10}{'impl':<14}{'mode':<6}{'shape':<22}{'tokens':>7}{'median us':>11}" \
            f"{'p10-p90 us':>18}{'GB/s':>8}{'floor':>7}  check"
     lines += ["", head, "-" * len(head)]
