@@ -115,3 +115,12 @@ def test_too_large_for_the_free_memory_is_skipped(tmp_path, monkeypatch):
         "the experts' weights (21.0 GiB, twice that while they are made) do not fit in the 40.0 GiB free: "
         "fewer --experts or a smaller --intermediate")
     assert local.moe_skip_reason(ctx, Model(7168, 64, 8)) is None
+
+
+def test_hidden_without_fp8_groups_runs_prefill_in_bf16(tmp_path, monkeypatch):
+    ctx = _gpu_branches(tmp_path, monkeypatch, tokens=(16,))
+    local.run_moe(ctx, Model(200, 8, 2))
+    assert [s["reason"] for s in ctx.skipped] == [
+        "decode: hidden 200 is not a multiple of 128 (the low-latency kernels' FP8 groups)"]
+    (row,) = ctx.rows
+    assert row["op"] == "prefill" and row["check"] == "ok" and "bf16 dispatch" in row["note"]

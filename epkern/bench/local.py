@@ -304,8 +304,11 @@ def run_moe(ctx: Context, model) -> None:
         return
     H, E, K, I = model.hidden, model.experts, model.topk, ctx.plan.moe_intermediate
     tokens = ctx.plan.tokens["moe"]
-    decode = [T for T in tokens if T <= MOE_DECODE_MAX_TOKENS]
     use_fp8 = H % 128 == 0
+    decode = [T for T in tokens if T <= MOE_DECODE_MAX_TOKENS]
+    if decode and not use_fp8:
+        ctx.skip("moe", f"decode: hidden {H} is not a multiple of 128 (the low-latency kernels' FP8 groups)")
+        decode = []
     peak = dense_bf16_peak(torch.cuda.get_device_name(ctx.dev)) if ctx.dev.type == "cuda" else None
     version = ctx.version("epkern")
     note = f"EP1, one process: dispatch/combine are local copies; {'fp8' if use_fp8 else 'bf16'} dispatch, I={I}"
