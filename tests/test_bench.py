@@ -25,7 +25,7 @@ TINY = ["--tokens", "16,32", "--hidden", "256", "--experts", "16", "--topk", "4"
     (["bench", "--what", "dispatch,gemm"], "argument --what: gemm unknown; choose from dispatch,combine,"),
     (["bench", "--hidden", "100"], "argument --hidden: 100 must be 8..65536 and a multiple of 8"),
     (["bench", "--topk", "40"], "argument --topk: 40 must be 1..32"),
-    (["bench", "--ranks", "1"], "argument --ranks: 1 must be 2..64"),
+    (["bench", "--ranks", "0"], "argument --ranks: 0 must be 1..64"),
     (["bench", "--num-sms", "200"], "argument --num-sms: 200 must be 1..132"),
     (["bench", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
     (["bench", "--experts", "10", "--ranks", "4"], "--experts: 10 experts do not split over 4 ranks"),
@@ -133,9 +133,9 @@ def test_writer_and_plots_on_gpu_rows(tmp_path):
     (png,) = report.write_plots(tmp_path, rows, "NVIDIA H200, epkern 0.1.0")
     assert png.name == "dispatch_h7168_e256_k8_R2.png"
     series = report._series(rows)[("dispatch", "dispatch", "h7168 e256 k8 R2")]
-    assert sorted(series) == ["byte floor", "deepep 1.0 (eager, 24 SMs)", "deepep 1.0 (graph, 24 SMs)",
-                              "epkern 1.0 (eager, 24 SMs)", "epkern 1.0 (graph, 24 SMs)"]
-    assert series["byte floor"] == [(t, t * 7168 * 2 / 393e9 * 1e6, None) for t in (128, 512, 4096)]
+    assert sorted(series) == ["deepep 1.0 (eager, 24 SMs)", "deepep 1.0 (graph, 24 SMs)",
+                              "epkern 1.0 (eager, 24 SMs)", "epkern 1.0 (graph, 24 SMs)", "floor"]
+    assert series["floor"] == [(t, t * 7168 * 2 / 393e9 * 1e6, None) for t in (128, 512, 4096)]
     header = {"device": {"name": "NVIDIA H200", "count": 1, "driver": "13.0", "torch": "2.13"},
               "epkern_version": "0.1.0", "commit": "abc", "notes": [SHARED_NOTE],
               "implementations": [{"name": "deepep", "importable": True, "available": True, "version": "1.2.1",
@@ -145,6 +145,11 @@ def test_writer_and_plots_on_gpu_rows(tmp_path):
     text = report.summary(header, rows, [], [png])
     assert "deepep 1.2.1: side by side" in text and f"note: {SHARED_NOTE}" in text
     assert "no other implementation importable" not in text
+    # importable, but no rows: the summary says why
+    header["implementations"][1].update(importable=True, available=True, version="0.1.0", reason="")
+    why = {"what": "dispatch", "impl": "nccl-ep", "reason": "NCCL refuses two ranks on one GPU", "failed": False}
+    assert "nccl-ep 0.1.0: not run: NCCL refuses two ranks on one GPU" in report.summary(header, rows, [why], [png])
+    assert "nccl-ep 0.1.0: importable; none of the families" in report.summary(header, rows, [], [png])
     assert len([line for line in text.splitlines() if line.startswith("dispatch")]) == 12
 
 
@@ -305,3 +310,13 @@ def test_local_gpu_branches_on_cpu(tmp_path, monkeypatch):
     assert {r["tokens"] for r in fp8} == {16, 32}
     layout_eager = [r for r in ctx.rows if r["what"] == "layout" and r["impl"] == "epkern" and r["mode"] == "eager"]
     assert all("EPKERN_CHECK_VALUES" in r["note"] for r in layout_eager)
+
+
+def test_commit_prefers_epkern_commit(monkeypatch):
+    from epkern.bench.timing import git_commit
+
+    monkeypatch.setenv("EPKERN_COMMIT", "0123456789ab")
+    assert git_commit() == "0123456789ab"
+    monkeypatch.delenv("EPKERN_COMMIT")
+    commit = git_commit()   # this checkout's, or 'unknown' outside one
+    assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 12

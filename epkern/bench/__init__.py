@@ -2,8 +2,10 @@
 
   sweep.py   what a run measures (families, shapes, tokens, ranks) from the options or a deployment
   timing.py  CUDA-event timing over graph replays and eager calls, the host clock on CPU, floors
-  local.py   single-process families: FP8 cast, dispatch layout, LPLB planner
+  devices.py the rates the floors take from a GPU's name (NVLink one way, dense BF16 peak)
+  local.py   single-process families: FP8 cast, dispatch layout, LPLB planner, the MoE layer
   comm.py    multi-rank families inside each rank: dispatch / combine, low latency
+  nccl_ep.py NCCL EP's runner for those, inside the same ranks
   ranks.py   starting the ranks (NCCL with a GPU each, gloo when they share GPUs or on CPU)
   impls.py   which implementations run side by side (epkern, its torch backend, DeepEP, NCCL EP)
   report.py  results.json, results.csv, PNG plots, the summary table

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import functools
 
-from .sweep import COMM_WHATS, MAX_NUM_SMS, MAX_RANKS, MAX_TOPK, WHATS, build_plan, parse_list, parse_whats
+from .sweep import (COMM_WHATS, MAX_NUM_SMS, MAX_RANKS, MAX_TOPK, MOE_INTERMEDIATE, WHATS, build_plan, parse_list,
+                    parse_whats)
 
 
 def _list_type(name: str, lo: int = 1, hi: int | None = None, multiple_of: int = 1):
@@ -40,6 +41,14 @@ def _count(name: str, lo: int):
     return parse
 
 
+def _intermediate(text):
+    try:
+        (v,) = parse_list(text, "intermediate", 8, 1 << 16, 8)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+    return v
+
+
 def _shape_args(p: argparse.ArgumentParser, tokens_help: str) -> None:
     p.add_argument("--tokens", type=_list_type("tokens", 1, 1 << 20), help=tokens_help)
     p.add_argument("--hidden", type=_list_type("hidden", 8, 1 << 16, 8), help="hidden sizes (default 7168)")
@@ -47,7 +56,7 @@ def _shape_args(p: argparse.ArgumentParser, tokens_help: str) -> None:
     p.add_argument("--topk", type=_list_type("topk", 1, MAX_TOPK), help="experts per token (default 8)")
     p.add_argument("--num-sms", type=_list_type("num-sms", 1, MAX_NUM_SMS),
                    help="SM counts for dispatch / combine / low_latency (default: each one's default)")
-    p.add_argument("--ranks", type=_list_type("ranks", 2, MAX_RANKS),
+    p.add_argument("--ranks", type=_list_type("ranks", 1, MAX_RANKS),
                    help="EP sizes to start (default: the config's, else the GPU count, at least 2)")
     p.add_argument("--config", help="deployment JSON (as for epkern precompile): its shapes and EP sizes")
     p.add_argument("--warmup", type=_count("warmup", 0), help="untimed calls first (default 10; CPU 2)")
@@ -61,6 +70,8 @@ def add_parsers(sub) -> None:
                                    "results.csv and PNG plots. Without a GPU: what runs on CPU.")
     b.add_argument("--what", type=_whats, default=WHATS, help=f"comma-separated, from {','.join(WHATS)} (default: all)")
     _shape_args(b, "token counts per rank (default: per family, e.g. 128,512,4096 for dispatch)")
+    b.add_argument("--intermediate", type=_intermediate,
+                   help=f"the MoE layer's expert size, for --what moe (default {MOE_INTERMEDIATE})")
     b.add_argument("--out", default="epkern-bench", help="output folder (default ./epkern-bench)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.set_defaults(func=functools.partial(cmd_bench, b))
@@ -84,7 +95,7 @@ def _plan(parser, args, whats, tokens, out, plots=True):
     device, num_gpus = _device()
     try:
         return build_plan(whats, tokens, args.hidden, args.experts, args.topk, args.num_sms, args.ranks, args.config,
-                          out, device, num_gpus, args.warmup, args.repeats, plots)
+                          out, device, num_gpus, args.warmup, args.repeats, plots, getattr(args, "intermediate", None))
     except (ValueError, OSError) as exc:
         parser.error(str(exc).splitlines()[0])
 

@@ -5,7 +5,9 @@
                 portable baseline (what any PyTorch user can run today)
   deepep        DeepEP's deep_ep.Buffer, when the real one is importable (not epkern's alias, which
                 epkern.install_as_deep_ep() puts under the name deep_ep)
-  nccl-ep       NCCL EP (`pip install nccl-extensions`, module nccl.ep)
+  nccl-ep       NCCL EP (`pip install nccl-extensions`, module nccl.ep; runner in nccl_ep.py), with one
+                GPU per rank (NCCL refuses two ranks on one GPU)
+Nothing here imports an implementation other than epkern before discover() asks for it.
 """
 from __future__ import annotations
 
@@ -45,10 +47,20 @@ def deepep_module():
 
 
 def nccl_ep_module():
+    """(module, None) for nccl.ep, or (None, why not)."""
     try:
         return importlib.import_module("nccl.ep"), None
     except Exception as exc:
         return None, f"not importable ({type(exc).__name__}: {str(exc)[:80]}; pip install nccl-extensions)"
+
+
+def nccl_ep_version(mod) -> str:
+    """'0.1.0 (libnccl_ep 0.2.0)': the nccl-extensions distribution and the library it loaded."""
+    dist = _dist_version("nccl-extensions") or "unknown"
+    try:
+        return f"{dist} (libnccl_ep {mod.get_lib_version()})"
+    except Exception:  # no get_lib_version, or the library does not load here
+        return dist
 
 
 def discover() -> list[dict]:
@@ -64,10 +76,8 @@ def discover() -> list[dict]:
                 "version": (getattr(mod, "__version__", None) or _dist_version("deep_ep", "deep-ep") or "unknown")
                 if mod else ""})
     mod, why = nccl_ep_module()
-    # nccl.ep imports; a runner for its Group/Handle API is not written yet, so its rows are skipped
-    out.append({"name": "nccl-ep", "importable": mod is not None, "available": False,
-                "version": (_dist_version("nccl-extensions") or "unknown") if mod else "",
-                "reason": why or "importable, but epkern bench has no NCCL EP runner yet (rows skipped)"})
+    out.append({"name": "nccl-ep", "importable": mod is not None, "available": mod is not None,
+                "version": nccl_ep_version(mod) if mod else "", "reason": why or ""})
     return out
 
 

@@ -1,4 +1,4 @@
-"""Single-process kernel families: the FP8 cast, the dispatch layout, the LPLB planner.
+"""Single-process kernel families: the FP8 cast, the dispatch layout, the LPLB planner, the MoE layer.
 
 Each runner checks epkern's result against the torch definition first (a benchmark of wrong
 results is worth nothing), then times it: on a GPU over CUDA-graph replays (device time, many
@@ -7,8 +7,13 @@ with the host clock. The torch definition is timed beside it as the baseline.
 """
 from __future__ import annotations
 
-import torch
+import contextlib
+import os
 
+import torch
+import torch.nn.functional as F
+
+from .devices import dense_bf16_peak
 from .report import make_row
 from .timing import Bench
 
@@ -60,6 +65,13 @@ class Context:
         out.append(("eager", self.bench.time(fn, inputs, repeats=repeats)))
         return out
 
+    def pair_times(self, first, second, repeats: int | None = None, between=None):
+        """(mode, first's timing, second's timing) of two calls that must alternate: eager calls
+        with CUDA events on a GPU, the host clock on CPU; between() after each pair, untimed."""
+        if not self.gpu:
+            return ("host", *self.bench.time_pair_host(first, second, repeats, between))
+        return ("eager", *self.bench.time_pair(first, second, repeats, between))
+
     def add(self, row: dict) -> None:
         self.rows.append(row)
 
@@ -70,6 +82,19 @@ class Context:
 
 def _inputs(ctx: Context, make, nbytes: int) -> list:
     return ctx.bench.rotating(make, nbytes) if ctx.gpu else [make()]
+
+
+@contextlib.contextmanager
+def unchecked_values():
+    """EPKERN_CHECK_VALUES=0 unless the caller set it: timed calls without id checks (which DeepEP
+    does not make either), and nothing that syncs the host inside a CUDA-graph capture."""
+    saved = os.environ.get("EPKERN_CHECK_VALUES")
+    os.environ.setdefault("EPKERN_CHECK_VALUES", "0")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("EPKERN_CHECK_VALUES", None)
 
 
 # -- FP8 per-token cast -------------------------------------------------------------------------------
@@ -176,13 +201,144 @@ def run_lplb(ctx: Context, model) -> None:
         ctx.tick()
 
 
-def run_moe(ctx: Context, model) -> None:
+# -- the MoE layer ------------------------------------------------------------------------------------
+MOE_DECODE_MAX_TOKENS = 128   # decode (low-latency) rows up to this many tokens per rank: decode batches
+MOE_CALLS = 2                 # decode calls per captured graph
+MOE_SCRATCH = 4 << 30         # bytes for activations and communication buffers beside the weights
+
+
+def moe_flops(tokens: int, topk: int, hidden: int, intermediate: int) -> int:
+    """Expert matmul FLOPs: per (token, expert) pair, gate and up (2 x H x 2I) and down (2 x I x H)."""
+    return 6 * tokens * topk * hidden * intermediate
+
+
+def moe_floor(row: dict, flops: int, peak: float | None) -> dict:
+    """Adds flops, tflops and the floor that binds: the FLOPs at the dense BF16 peak when slower than
+    the byte floor (the weights read at the copy bandwidth) already in the row."""
+    median = row["median_us"]
+    row.update(flops=flops, tflops=flops / (median * 1e-6) / 1e12)
+    flop_us = flops / peak * 1e6 if peak else None
+    if flop_us and flop_us > (row.get("floor_us") or 0):
+        row.update(floor_us=flop_us, fraction_of_floor=flop_us / median, floor_bound="flops at the BF16 peak")
+    elif row.get("floor_us"):
+        row["floor_bound"] = "bytes at the copy bandwidth"
+    return row
+
+
+def moe_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """What the single-process layer must return for x: a loop over its experts with torch.matmul on its
+    own weights (no dispatch, no grouped GEMM), the dispatch's FP8 rounding applied to the input."""
+    from epkern.fp8 import per_token_cast_back, per_token_cast_to_fp8
+
+    idx, w = layer.route(x)
+    xq = per_token_cast_back(*per_token_cast_to_fp8(x)) if layer.use_fp8 else x
+    inter = layer.intermediate
+    out = torch.zeros(x.shape[0], layer.hidden, dtype=torch.float32, device=x.device)
+    for e in torch.unique(idx).tolist():
+        token, k = (idx == e).nonzero(as_tuple=True)
+        slot = layer.local_experts.index(e)
+        h = xq[token] @ layer.w13[slot].t()
+        act = (F.silu(h[:, :inter].float()) * h[:, inter:].float() * w[token, k].unsqueeze(1)).to(x.dtype)
+        out.index_add_(0, token, (act @ layer.w2[slot].t()).float())
+    return out.to(x.dtype)
+
+
+def moe_close(got: torch.Tensor, want: torch.Tensor, scale: float = 1.0) -> bool:
+    """A few bf16 roundings apart (tests/test_moe_cpu.py's bound; decode rounds partial sums once more)."""
+    err = (got.float() - want.float()).abs()
+    bound = scale * 2 ** -6 * (want.float().abs() + want.float().abs().mean())
+    return bool((err <= bound).all())
+
+
+@contextlib.contextmanager
+def group_of_one():
+    """A process group of this process alone (an in-process store, gloo) for the duration."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        import epkern.moe  # noqa: F401  (the MoE layer, when this version has it)
-    except ImportError:
-        ctx.skip("moe", "epkern.moe is not in this version of epkern")
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def moe_buffer(group, model, max_tokens: int, decode_tokens: int):
+    """epkern.Buffer for the layer: the NVLink backend, its low-latency half when decode rows run."""
+    import epkern
+
+    nvl = epkern.Config().get_nvl_buffer_size_hint(model.hidden * 2, 1, max_tokens, model.topk)
+    ll = epkern.get_low_latency_rdma_size_hint(decode_tokens, model.hidden, 1, model.experts) if decode_tokens else 0
+    return epkern.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=ll, low_latency_mode=bool(decode_tokens),
+                         backend="nvlink", timeout_s=60.0)
+
+
+def moe_skip_reason(ctx: Context, model) -> str | None:
+    """Why the layer cannot run for this shape here (None when it can)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return "torch.distributed is already initialized in this process (the runner makes a group of one)"
+    weights = 3 * model.experts * model.hidden * ctx.plan.moe_intermediate * 2
+    if ctx.dev.type == "cuda":
+        free = torch.cuda.mem_get_info(ctx.dev)[0]
+        if 2 * weights + MOE_SCRATCH > free:
+            return (f"the experts' weights ({weights / 2**30:.1f} GiB, twice that while they are made) do not fit in "
+                    f"the {free / 2**30:.1f} GiB free: fewer --experts or a smaller --intermediate")
+    return None
+
+
+def run_moe(ctx: Context, model) -> None:
+    """epkern.moe.MoE (routing, FP8 cast, layout + dispatch, grouped-GEMM experts, combine) on one GPU:
+    EP 1 in this process (a group of one, so dispatch and combine are the NVLink kernels' local
+    copies), one micro-batch, no shared expert. Prefill (normal mode) is eager (its dispatch syncs
+    the host for the counts); decode (low-latency, up to MOE_DECODE_MAX_TOKENS tokens) also over
+    graph replays. Checked against moe_reference; the floor is the larger of the expert matmuls at
+    the dense BF16 peak and the weights of the experts in use read at the copy bandwidth."""
+    from epkern.moe import MoE
+
+    why = moe_skip_reason(ctx, model)
+    if why:
+        ctx.skip("moe", why)
         return
-    ctx.skip("moe", "epkern bench has no MoE-layer runner yet")
+    H, E, K, I = model.hidden, model.experts, model.topk, ctx.plan.moe_intermediate
+    tokens = ctx.plan.tokens["moe"]
+    use_fp8 = H % 128 == 0
+    decode = [T for T in tokens if T <= MOE_DECODE_MAX_TOKENS]
+    if decode and not use_fp8:
+        ctx.skip("moe", f"decode: hidden {H} is not a multiple of 128 (the low-latency kernels' FP8 groups)")
+        decode = []
+    peak = dense_bf16_peak(torch.cuda.get_device_name(ctx.dev)) if ctx.dev.type == "cuda" else None
+    version = ctx.version("epkern")
+    note = f"EP1, one process: dispatch/combine are local copies; {'fp8' if use_fp8 else 'bf16'} dispatch, I={I}"
+    with group_of_one() as group, unchecked_values():
+        buffer = moe_buffer(group, model, max(tokens), max(decode, default=0))
+        try:
+            layer = MoE(H, I, E, K, buffer=buffer, mode="prefill", overlap=False, num_microbatches=1,
+                        use_fp8=use_fp8, num_max_dispatch_tokens_per_rank=max(decode, default=1), device=ctx.dev)
+            if decode and layer.decode_path != "low_latency":
+                ctx.skip("moe", "decode: the Buffer has no low-latency half here")
+            for T in tokens:
+                gen = torch.Generator(device=ctx.dev).manual_seed(T)
+                x = torch.randn(T, H, generator=gen, device=ctx.dev).to(torch.bfloat16)
+                want = moe_reference(layer, x)
+                in_use = int(torch.unique(layer.route(x)[0]).numel())
+                nbytes = in_use * 3 * H * I * 2 + 2 * T * H * 2   # the experts' weights, x in and y out
+                ops = [("prefill", False)]
+                if T in decode and layer.decode_path == "low_latency":
+                    ops.append(("decode", True))
+                for op, graph in ops:
+                    layer.mode = op
+                    check = "ok" if moe_close(layer(x), want, scale=2.0 if op == "decode" else 1.0) else "MISMATCH"
+                    for mode, t in ctx.times("moe", lambda v: layer(v), [x], MOE_CALLS, graph=graph):
+                        row = make_row("moe", op, "epkern", version, mode, t, bytes_moved=nbytes, floor_bw=ctx.copy_bw,
+                                       check=check, note=note, tokens=T, hidden=H, experts=E, topk=K, ranks=1,
+                                       intermediate=I)
+                        ctx.add(moe_floor(row, moe_flops(T, K, H, I), peak))
+                ctx.tick()
+        finally:
+            buffer.destroy()
 
 
 RUNNERS = {"fp8": run_fp8, "layout": run_layout, "lplb": run_lplb, "moe": run_moe}
@@ -193,6 +349,6 @@ def units(plan) -> int:
     n = 0
     for w in plan.local_whats:
         for m in plan.models:
-            n += {"fp8": 1, "layout": len(plan.ep_sizes), "lplb": len(lplb_ep_sizes(plan, m)), "moe": 0}[w] * \
+            n += {"fp8": 1, "layout": len(plan.ep_sizes), "lplb": len(lplb_ep_sizes(plan, m)), "moe": 1}[w] * \
                  (len(plan.tokens[w]) if w != "lplb" else 1)
     return n

@@ -4,8 +4,9 @@
   ranks >  GPUs  gloo, rank r on GPU r % GPUs: the ranks share GPUs, the GPU time-slices between
                  their kernels: correctness only (SHARED_NOTE is printed and stored)
   no GPU         gloo on CPU: the torch backend only
-Each rank writes its rows to a file; rank 0's rows are the results, with the slowest rank's
-median beside each (`slowest_rank_median_us`).
+Each rank writes its rows to a file after every case; rank 0's rows are the results, with the
+slowest rank's median beside each (`slowest_rank_median_us`). When a rank dies (a crash inside
+another implementation, say), the rows written until then are kept and the failure is recorded.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -70,8 +70,14 @@ def _rank_main(rank: int, job: Job) -> None:
         ctx = Context(job.plan, job.impls)
         progress = functools.partial(tqdm, desc=f"EP{job.world} ranks", unit="step", file=sys.stderr,
                                      mininterval=1.0, disable=rank != 0)
-        run_comm(ctx, job, progress)
-        Path(job.out_dir, f"rank{rank}.json").write_text(json.dumps({"rows": ctx.rows, "skipped": ctx.skipped}))
+        path = Path(job.out_dir, f"rank{rank}.json")
+
+        def flush():
+            path.with_suffix(".tmp").write_text(json.dumps({"rows": ctx.rows, "skipped": ctx.skipped}))
+            path.with_suffix(".tmp").replace(path)
+
+        run_comm(ctx, job, progress, flush)
+        flush()
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -82,26 +88,32 @@ def launch(plan, impls: list, world: int, only_epkern: bool = False) -> tuple[li
     import torch
     import torch.multiprocessing as mp
 
+    from .local import unchecked_values
+
     num_gpus = torch.cuda.device_count() if plan.device == "cuda" else 0
     backend, shared, note = mode_for(world, num_gpus)
     name = torch.cuda.get_device_name(0) if num_gpus else "cpu"
     if shared:  # time-sliced kernels wait for each other: fewer calls, the same checks
         plan = dataclasses.replace(plan, warmup=min(plan.warmup, 2), repeats=min(plan.repeats, 10))
+    died = None
     with tempfile.TemporaryDirectory(prefix="epkern-bench-") as tmp:
         job = Job(plan, impls, world, free_port(), backend, num_gpus, shared, name, tmp, only_epkern)
-        saved = os.environ.get("EPKERN_CHECK_VALUES")
-        os.environ.setdefault("EPKERN_CHECK_VALUES", "0")   # the ranks inherit it: DeepEP does not sync to check ids
-        try:
-            mp.spawn(_rank_main, args=(job,), nprocs=world, join=True)
-        finally:
-            if saved is None:
-                os.environ.pop("EPKERN_CHECK_VALUES", None)
-        results = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+        with unchecked_values():   # the ranks inherit it
+            try:
+                mp.spawn(_rank_main, args=(job,), nprocs=world, join=True)
+            except Exception as exc:  # a rank died: keep what every rank wrote before
+                died = f"EP{world} ranks failed: {type(exc).__name__}: {str(exc)[-300:]}"
+        files = [Path(tmp, f"rank{r}.json") for r in range(world)]
+        if died and not all(f.exists() for f in files):
+            raise RuntimeError(died)
+        results = [json.loads(f.read_text()) for f in files]
     rows = results[0]["rows"]
     if all(len(r["rows"]) == len(rows) for r in results):
         for i, row in enumerate(rows):
             row["slowest_rank_median_us"] = max(r["rows"][i]["median_us"] for r in results)
     skipped = list({json.dumps(s, sort_keys=True): s for r in results for s in r["skipped"]}.values())
+    if died:
+        skipped.append({"what": ",".join(plan.comm_whats), "impl": "", "reason": died, "failed": True})
     if shared:
         for row in rows:
             row["note"] = (row.get("note", "") + "; " if row.get("note") else "") + SHARED_NOTE

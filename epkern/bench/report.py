@@ -3,7 +3,8 @@
 A row is a flat dict (CSV_FIELDS, plus anything a runner adds): which kernel (`what`, `op`),
 which implementation and version, how it was timed (`mode`: graph replays, eager calls with
 CUDA events, or the host clock on CPU), the shape, the time distribution, bytes and the fraction
-of the byte floor where one is known, and `check` (the result compared with a reference).
+of the floor where one is known (bytes at a rate; the MoE layer: or its FLOPs at the BF16 peak,
+`floor_bound` says which), and `check` (the result compared with a reference).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 from .timing import floor_fields
 
 CSV_FIELDS = ("what", "op", "impl", "version", "mode", "tokens", "hidden", "experts", "topk", "ranks", "num_sms",
-              "median_us", "p10_us", "p90_us", "mean_us", "min_us", "repeats", "bytes_moved", "bandwidth_gbs",
-              "floor_us", "fraction_of_floor", "slowest_rank_median_us", "check", "note")
+              "intermediate", "median_us", "p10_us", "p90_us", "mean_us", "min_us", "repeats", "bytes_moved",
+              "bandwidth_gbs", "tflops", "floor_us", "fraction_of_floor", "slowest_rank_median_us", "check", "note")
 MODES = ("graph", "eager", "host")
 
 
@@ -76,14 +77,14 @@ def _series(rows: list[dict]) -> dict:
         line = f"{r['impl']} {r['version']} ({r['mode']}{sms})"
         lines = groups.setdefault((r["what"], r["op"], shape), {})
         lines.setdefault(line, []).append((r["tokens"], r["median_us"], r.get("bandwidth_gbs")))
-        if r.get("floor_us"):   # the byte floor: the same bytes for every implementation of a shape
+        if r.get("floor_us"):   # the floor: the same for every implementation of a shape
             floor = lines.setdefault(FLOOR_LINE, [])
             if all(p[0] != r["tokens"] for p in floor):
                 floor.append((r["tokens"], r["floor_us"], None))
     return groups
 
 
-FLOOR_LINE = "byte floor"
+FLOOR_LINE = "floor"
 
 
 def write_plots(out: Path, rows: list[dict], title: str) -> list[Path]:
@@ -129,6 +130,16 @@ def _fmt(v, spec: str, empty: str = "-") -> str:
     return format(v, spec)
 
 
+def _standing(impl: dict, rows: list[dict], skipped: list[dict]) -> str:
+    """How another implementation fared: side by side, or why it did not run."""
+    if not impl["available"]:
+        return impl["reason"]
+    if any(r["impl"] == impl["name"] for r in rows):
+        return "side by side"
+    why = next((s["reason"] for s in skipped if s.get("impl") == impl["name"]), None)
+    return f"not run: {why}" if why else "importable; none of the families it runs was measured"
+
+
 def summary(header: dict, rows: list[dict], skipped: list[dict], files: list[Path]) -> str:
     """The one-screen table printed at the end of a run."""
     dev = header["device"]
@@ -143,7 +154,7 @@ def summary(header: dict, rows: list[dict], skipped: list[dict], files: list[Pat
             f"{i['name']}: {i['reason']}" for i in others) + "): epkern's torch backend is the baseline")
     else:
         for i in others:
-            lines.append(f"  {i['name']} {i['version']}: " + ("side by side" if i["available"] else i["reason"]))
+            lines.append(f"  {i['name']} {i['version']}: " + _standing(i, rows, skipped))
     head = f"{'what':<12}{'op':<10}{'impl':<14}{'mode':<6}{'shape':<22}{'tokens':>7}{'median us':>11}" \
            f"{'p10-p90 us':>18}{'GB/s':>8}{'floor':>7}  check"
     lines += ["", head, "-" * len(head)]

@@ -16,6 +16,7 @@ GPU_ONLY = {"low_latency": "needs CUDA GPUs (NVLink peer memory)",
 MAX_RANKS = 64
 MAX_TOPK = 32
 MAX_NUM_SMS = 132
+MOE_INTERMEDIATE = 2048   # the MoE layer's expert size unless --intermediate: DeepSeek-V3's moe_intermediate_size
 
 DEFAULT_TOKENS = {"dispatch": (128, 512, 4096), "combine": (128, 512, 4096), "low_latency": (1, 32, 128),
                   "fp8": (128, 4096, 8192), "layout": (128, 4096, 16384), "lplb": (4096, 16384), "moe": (128, 4096)}
@@ -48,6 +49,7 @@ class Plan:
     repeats: int
     out: Path
     plots: bool = True
+    moe_intermediate: int = MOE_INTERMEDIATE   # the MoE layer's expert (intermediate) size
 
     @property
     def comm_whats(self) -> tuple[str, ...]:
@@ -86,7 +88,8 @@ def parse_whats(text: str) -> tuple[str, ...]:
 
 
 def build_plan(whats, tokens, hidden, experts, topk, num_sms, ranks, config, out, device: str,
-               num_gpus: int, warmup: int | None = None, repeats: int | None = None, plots: bool = True) -> Plan:
+               num_gpus: int, warmup: int | None = None, repeats: int | None = None, plots: bool = True,
+               intermediate: int | None = None) -> Plan:
     """Check the options together and make the plan (ValueError naming the option on bad input)."""
     from epkern.deployment import load_deployments
 
@@ -109,4 +112,5 @@ def build_plan(whats, tokens, hidden, experts, topk, num_sms, ranks, config, out
     cpu = device == "cpu"
     return Plan(whats=tuple(whats), models=models, ep_sizes=tuple(ep_sizes), tokens=per_what,
                 num_sms=num_sms, device=device, warmup=warmup if warmup is not None else (2 if cpu else 10),
-                repeats=repeats if repeats is not None else (5 if cpu else 50), out=Path(out), plots=plots)
+                repeats=repeats if repeats is not None else (5 if cpu else 50), out=Path(out), plots=plots,
+                moe_intermediate=intermediate or MOE_INTERMEDIATE)

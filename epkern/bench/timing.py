@@ -32,8 +32,12 @@ import torch
 
 
 def git_commit(where: Path | None = None) -> str:
-    """The short commit of the checkout holding `where` (default: this file), '-dirty' if modified;
-    EPKERN_COMMIT, else 'unknown', outside a git checkout (an installed wheel)."""
+    """EPKERN_COMMIT when set (a run from an archived tree without .git names its commit so); else the
+    short commit of the checkout holding `where` (default: this file), '-dirty' if modified; else
+    'unknown' (an installed wheel)."""
+    named = os.environ.get("EPKERN_COMMIT", "").strip()
+    if named:
+        return named
     cwd = Path(where or __file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
@@ -42,7 +46,7 @@ def git_commit(where: Path | None = None) -> str:
                                text=True, cwd=cwd).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except Exception:
-        return os.environ.get("EPKERN_COMMIT", "unknown")
+        return "unknown"
 
 
 def driver_version() -> str:
@@ -147,6 +151,48 @@ class Bench:
             ends[i].record()
         torch.cuda.synchronize()
         return summarize([s.elapsed_time(e) * 1e3 / calls_per_graph for s, e in zip(starts, ends)])
+
+    def time_pair(self, first: Callable, second: Callable, repeats: int | None = None,
+                  between: Callable | None = None) -> tuple[dict, dict]:
+        """Per-call times of two calls that must alternate (a dispatch and the combine that belongs to
+        it): each iteration runs first() then second(), each between its own pair of CUDA events on
+        the current stream, eager (host launch cost included when the host is slower than the kernels);
+        between() (a sync and a barrier, say) runs after each iteration, outside both timings."""
+        repeats = repeats or self.repeats
+        for _ in range(self.warmup):
+            first()
+            second()
+            if between is not None:
+                between()
+        torch.cuda.synchronize()
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(repeats)]
+        for e in events:
+            e[0].record()
+            first()
+            e[1].record()
+            e[2].record()
+            second()
+            e[3].record()
+            if between is not None:
+                between()
+        torch.cuda.synchronize()
+        return (summarize([e[0].elapsed_time(e[1]) * 1e3 for e in events]),
+                summarize([e[2].elapsed_time(e[3]) * 1e3 for e in events]))
+
+    def time_pair_host(self, first: Callable, second: Callable, repeats: int | None = None,
+                       between: Callable | None = None) -> tuple[dict, dict]:
+        """time_pair with the host clock (CPU tensors)."""
+        repeats = repeats or self.repeats
+        samples: tuple[list, list] = ([], [])
+        for i in range(self.warmup + repeats):
+            for fn, out in ((first, samples[0]), (second, samples[1])):
+                start = _time.perf_counter()
+                fn()
+                if i >= self.warmup:
+                    out.append((_time.perf_counter() - start) * 1e6)
+            if between is not None:
+                between()
+        return summarize(samples[0]), summarize(samples[1])
 
     def time_host(self, fn: Callable, inputs: list, repeats: int | None = None) -> dict:
         """Per-call wall time on the host clock (CPU tensors; a CUDA call is synchronized after each)."""
