@@ -9,7 +9,10 @@ Normal mode (hierarchical, as epkern.internode and DeepEP's internode kernels): 
 network once per remote node it reaches and fans out over NVLink there. Low-latency mode (one message
 per (token, rank), as epkern's intranode low-latency kernels): a token crosses the network once per
 remote rank it reaches. Bytes per token: FP8 dispatch 7168 + 56 x 4 scale bytes + 8 x (8 + 4) top-k
-bytes; BF16 combine 14336.
+bytes; BF16 combine 14336. Low-latency mode on the collective engine (epkern.internode.low_latency,
+what runs across nodes today): fixed blocks, (M + 1) rows of DispatchRows.row_bytes to every rank per
+dispatch and M bf16 rows per combine, M = the tokens per rank, whatever the routing. DeepEP's
+low-latency kernels: one put per (token, expert), 7168 + 224 + 16 bytes in FP8, 14336 back.
 """
 from __future__ import annotations
 
@@ -20,10 +23,13 @@ from pathlib import Path
 
 import torch
 
+from epkern.internode.low_latency_blocks import DispatchRows
+
 HIDDEN, EXPERTS, TOPK, GPUS_PER_NODE = 7168, 256, 8, 8
 GROUPS, TOPK_GROUPS = 8, 4
 FP8_TOKEN = HIDDEN + HIDDEN // 128 * 4 + TOPK * 12
 BF16_TOKEN = HIDDEN * 2
+DEEPEP_LL_FP8 = HIDDEN + HIDDEN // 128 * 4 + 16   # DeepEP's low-latency message: row, scales, an int4 header
 NETWORK_GBPS = 50.0     # per rank: one 400 Gb/s NIC per GPU
 NVLINK_GBPS = 393.0     # one H200 to another, copy engine, one way (shared/REFERENCE.md)
 # DeepEP's published internode figures (H800 + CX7 400 Gb/s), for the table's last columns
@@ -57,6 +63,12 @@ def model(ep: int, tokens: int, limited: bool, gen: torch.Generator) -> dict:
     net_dispatch = float(remote_nodes.sum()) * FP8_TOKEN
     net_combine = float(remote_nodes.sum()) * BF16_TOKEN
     nvl_dispatch = float(fanout.sum()) * FP8_TOKEN
+    # fixed blocks (the collective engine): every remote rank gets M + 1 rows, M = tokens per rank
+    remote_peers = ep - GPUS_PER_NODE
+    blocks_fp8 = remote_peers * DispatchRows("fp8", HIDDEN, TOPK).block_bytes(tokens)
+    blocks_bf16 = remote_peers * DispatchRows("bf16", HIDDEN, TOPK).block_bytes(tokens)
+    blocks_combine = remote_peers * tokens * BF16_TOKEN
+    remote_experts = float((rank >= GPUS_PER_NODE).sum())          # DeepEP: one put per (token, expert)
     return {
         "ep": ep, "nodes": nodes, "tokens_per_rank": tokens, "routing": "group-limited" if limited else "uniform",
         "remote_nodes_per_token": round(float(remote_nodes.mean()), 3),
@@ -70,6 +82,13 @@ def model(ep: int, tokens: int, limited: bool, gen: torch.Generator) -> dict:
         "ll_network_mb_dispatch": round(float(remote_ranks.sum()) * FP8_TOKEN / 1e6, 3),
         "ll_dispatch_us_at_network": round(float(remote_ranks.sum()) * FP8_TOKEN / NETWORK_GBPS / 1e3, 1),
         "ll_combine_us_at_network": round(float(remote_ranks.sum()) * BF16_TOKEN / NETWORK_GBPS / 1e3, 1),
+        "ll_blocks_network_mb_dispatch_fp8": round(blocks_fp8 / 1e6, 2),
+        "ll_blocks_network_mb_dispatch_bf16": round(blocks_bf16 / 1e6, 2),
+        "ll_blocks_network_mb_combine": round(blocks_combine / 1e6, 2),
+        "ll_blocks_dispatch_us_at_network": round(blocks_fp8 / NETWORK_GBPS / 1e3, 1),
+        "ll_blocks_combine_us_at_network": round(blocks_combine / NETWORK_GBPS / 1e3, 1),
+        "deepep_ll_network_mb_dispatch": round(remote_experts * DEEPEP_LL_FP8 / 1e6, 2),
+        "deepep_ll_network_mb_combine": round(remote_experts * BF16_TOKEN / 1e6, 2),
     }
 
 
@@ -81,18 +100,24 @@ def main() -> None:
     rows = [model(ep, tokens, limited, gen) for limited in (False, True) for ep in (16, 32, 64)
             for tokens in (4096, 128)]
     header = ("EP", "routing", "tokens", "nodes/tok", "ranks/tok", "net MB disp", "net us disp", "net us comb",
-              "NVL us disp", "LL us disp", "LL us comb")
+              "NVL us disp", "LL us disp", "LL us comb", "blocks MB disp", "blocks us disp", "blocks us comb",
+              "DeepEP LL MB disp")
     print(" | ".join(header))
     for r in rows:
         print(" | ".join(str(v) for v in (r["ep"], r["routing"], r["tokens_per_rank"], r["remote_nodes_per_token"],
                                           r["remote_ranks_per_token"], r["normal_network_mb_dispatch"],
                                           r["normal_dispatch_us_at_network"], r["normal_combine_us_at_network"],
                                           r["normal_dispatch_us_at_nvlink"], r["ll_dispatch_us_at_network"],
-                                          r["ll_combine_us_at_network"])))
+                                          r["ll_combine_us_at_network"], r["ll_blocks_network_mb_dispatch_fp8"],
+                                          r["ll_blocks_dispatch_us_at_network"], r["ll_blocks_combine_us_at_network"],
+                                          r["deepep_ll_network_mb_dispatch"])))
     result = {"kind": "model (no device)", "date": datetime.date.today().isoformat(),
               "assumptions": {"network_gbps_per_rank": NETWORK_GBPS, "nvlink_gbps": NVLINK_GBPS,
                               "gpus_per_node": GPUS_PER_NODE, "fp8_token_bytes": FP8_TOKEN,
-                              "bf16_token_bytes": BF16_TOKEN, "samples": "4096 / 128 tokens of one rank, seed 0"},
+                              "bf16_token_bytes": BF16_TOKEN, "deepep_ll_fp8_message_bytes": DEEPEP_LL_FP8,
+                              "ll_blocks_row_bytes": {k: DispatchRows(k, HIDDEN, TOPK).row_bytes
+                                                      for k in ("bf16", "fp8", "fp8_ue8m0")},
+                              "samples": "4096 / 128 tokens of one rank, seed 0"},
               "deepep_published": DEEPEP, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {args.out}")

@@ -148,17 +148,18 @@ class Buffer:
         self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else knobs.check_timeout_s("timeout_s", timeout_s)
         self._local_bytes: torch.Tensor | None = None
         self._low_latency = None
+        # which ranks share a node decides both modes' engines (a collective: once, before either)
+        topology = detect_topology(self.group) if self.group_size > 1 else NodeTopology(1, 1)
         if low_latency_mode:
-            from .low_latency import LowLatencyBuffer
+            from .low_latency import make_low_latency_buffer
 
-            kwargs = {} if low_latency_num_sms is None else {"num_sms": low_latency_num_sms}
-            self._low_latency = LowLatencyBuffer(group, num_bytes=self.num_rdma_bytes or self.num_nvl_bytes,
-                                                 timeout_s=self.timeout_s, **kwargs)
+            self._low_latency = make_low_latency_buffer(group, self.num_rdma_bytes or self.num_nvl_bytes,
+                                                        self.timeout_s, low_latency_num_sms, topology)
             if not self.num_rdma_bytes:
                 self.num_nvl_bytes = 0  # the low-latency buffer took these bytes
         elif low_latency_num_sms is not None:
             raise ValueError("low_latency_num_sms: needs low_latency_mode=True")
-        self._backend: NormalBackend | None = self._make_backend(backend)
+        self._backend: NormalBackend | None = self._make_backend(backend, topology)
         # the NVLink kernels and NCCL collectives run on a stream of their own; gloo runs on the host
         on_stream = torch.cuda.is_available() and (self._backend.name == "nvlink" or self._group_on_cuda())
         self._comm_stream = torch.cuda.Stream() if on_stream else None
@@ -169,9 +170,8 @@ class Buffer:
         except Exception:
             return False
 
-    def _make_backend(self, backend: str) -> NormalBackend:
+    def _make_backend(self, backend: str, topology: NodeTopology) -> NormalBackend:
         # a group spanning nodes takes the two-hop backend; inside one node, NVLink or torch
-        topology = detect_topology(self.group) if self.group_size > 1 else NodeTopology(1, 1)
         self.num_nodes = topology.num_nodes
         if topology.num_nodes > 1:
             if backend == "nvlink":
@@ -224,6 +224,9 @@ class Buffer:
         """SMs of this buffer's low-latency kernels (clamped to the GPU's SM count; an epkern extension)."""
         check_positive_int("num_sms", num_sms)
         ll = self._ll("set_low_latency_num_sms")
+        if ll.peer is None:   # the collective path (across nodes): NCCL's kernel picks its own SMs
+            ll.num_sms = num_sms
+            return
         ll.num_sms = min(num_sms, torch.cuda.get_device_properties(ll.device).multi_processor_count)
 
     @property
@@ -286,6 +289,8 @@ class Buffer:
                 device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
                 return torch.empty(0, dtype=torch.uint8, device=device)  # DeepEP: no RDMA buffer, 0 elements
             peer = self._low_latency.peer
+            if peer is None:   # the collective path: a private buffer
+                return self._low_latency.local_buffer()
             return peer.view(peer.rank, 0, (peer.nbytes,), torch.uint8)
         peer = self._backend.peer
         if peer is not None:

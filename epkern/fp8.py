@@ -209,7 +209,7 @@ def e4m3_bits(y: torch.Tensor) -> torch.Tensor:
 def pack_ue8m0(scale: torch.Tensor) -> torch.Tensor:
     """Power-of-two fp32 scales [T, G] -> their exponent bytes packed 4 per int32 [T, G / 4]."""
     exponent = (scale.view(torch.int32).to(torch.int64) >> 23) & 0xFF
-    e = exponent.reshape(scale.shape[0], -1, 4)
+    e = exponent.reshape(scale.shape[0], scale.shape[1] // 4, 4)   # (not -1: zero tokens)
     words = e[..., 0] | (e[..., 1] << 8) | (e[..., 2] << 16) | (e[..., 3] << 24)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 

@@ -27,6 +27,11 @@ Buffer reuse rule (as DeepEP's): every rank issues the same sequence of calls, a
 inputs depend on the previous call's results of its micro-batch (a dispatch's hook before the
 combine of its expert outputs, a combine's hook before the next dispatch); with two micro-batches,
 interleave their calls (a, b, a, b) so each keeps to one of the two buffers.
+
+`make_low_latency_buffer` is what epkern.Buffer calls: this NVLink buffer where it applies (CUDA,
+one node, peer access between every pair of GPUs), else epkern.internode.low_latency's engine over
+torch.distributed collectives (across nodes, without peer access, CPU under gloo), with the same
+methods and results. `LowLatencyChecks` holds what both share: the argument checks and the mask.
 """
 from __future__ import annotations
 
@@ -64,7 +69,140 @@ def max_dispatch_tokens_for_bytes(num_bytes: int, hidden: int, num_ranks: int, n
     return max_tokens_for_bytes(num_bytes, hidden, num_ranks, num_experts)
 
 
-class LowLatencyBuffer:
+def make_low_latency_buffer(group, num_bytes: int, timeout_s: float | None = None, num_sms: int | None = None,
+                            topology=None):
+    """The low-latency engine for `group` (a collective: every rank calls it).
+
+    LowLatencyBuffer (the NVLink kernels) when CUDA is present, the group's ranks are on one node
+    (`topology`, an epkern.internode.NodeTopology; detected when None) and every GPU maps every
+    other's memory, whatever the group's backend; otherwise epkern.internode.low_latency's
+    CollectiveLowLatency (all_to_all_single: ranks on several nodes, GPUs without peer access,
+    CPU tensors over gloo), which has the same methods and results."""
+    from ..internode.topology import NodeTopology, detect_topology
+    from ..peer_memory import peer_access_everywhere
+
+    if topology is None:
+        topology = detect_topology(group) if dist.get_world_size(group) > 1 else NodeTopology(1, 1)
+    if (topology.num_nodes == 1 and torch.cuda.is_available()
+            and peer_access_everywhere(group, torch.cuda.current_device())):
+        return LowLatencyBuffer(group, num_bytes, timeout_s, **({} if num_sms is None else {"num_sms": num_sms}))
+    from ..internode.low_latency import CollectiveLowLatency
+
+    return CollectiveLowLatency(group, num_bytes, timeout_s, num_sms=num_sms)
+
+
+class LowLatencyChecks:
+    """What both low-latency engines share (this module's NVLink LowLatencyBuffer and
+    epkern.internode.low_latency's collective one): DeepEP's argument checks, made before anything
+    is sent, and the rank mask. Subclasses set rank, num_ranks, device and mask ([R] int32)."""
+
+    rank: int
+    num_ranks: int
+    device: torch.device
+    mask: torch.Tensor
+
+    def _check_experts(self, num_experts: int) -> None:
+        check_positive_int("num_experts", num_experts)
+        if num_experts % self.num_ranks:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the number of ranks {self.num_ranks}")
+
+    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int, max_tokens: int) -> None:
+        check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2, device=self.device)
+        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
+            raise ValueError(f"topk_idx: {topk_idx.shape[0]} rows, expected one per token ({num_tokens})")
+        if topk_idx.shape[0] > max_tokens:
+            raise ValueError(f"{topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={max_tokens}")
+        check_range("topk_idx", topk_idx, -1, num_experts)
+
+    def _check_stats(self, name: str, t, length: int, dtype) -> None:
+        if t is not None:
+            check_tensor(name, t, dtype=dtype, shape=(length,), ndim=1, device=self.device)
+
+    def _check_dispatch_args(self, x, topk_idx, M: int, num_experts: int, cumulative_local_expert_recv_stats,
+                             dispatch_wait_recv_cost_stats, use_fp8: bool, async_finish: bool, return_recv_hook: bool,
+                             topk_weights) -> None:
+        """low_latency_dispatch's inputs, in DeepEP's terms (see LowLatencyBuffer.low_latency_dispatch)."""
+        check_positive_int("num_max_dispatch_tokens_per_rank", M)
+        self._check_experts(num_experts)
+        check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device)
+        num_tokens, hidden = x.shape
+        if use_fp8 and hidden % 128:
+            raise ValueError(f"x: hidden={hidden} must be a multiple of 128 with use_fp8=True (128-channel scale groups)")
+        if hidden % 8 or hidden == 0:
+            raise ValueError(f"x: hidden={hidden} must be a multiple of 8 (rows a multiple of 16 bytes)")
+        self._check_topk(topk_idx, num_tokens, num_experts, M)
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), ndim=2,
+                         device=self.device)
+        L, R = num_experts // self.num_ranks, self.num_ranks
+        self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, L, torch.int32)
+        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, R, torch.int64)
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set")
+
+    def _check_combine_args(self, x, topk_idx, topk_weights, handle, zero_copy: bool, async_finish: bool,
+                            return_recv_hook: bool, out, combine_wait_recv_cost_stats):
+        """low_latency_combine's inputs -> the handle's fields (see LowLatencyBuffer.low_latency_combine)."""
+        fields = self._check_handle(handle)
+        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights = fields
+        L, R = num_experts // self.num_ranks, self.num_ranks
+        if not zero_copy:
+            check_tensor("x", x, dtype=torch.bfloat16, shape=(L, R * M, hidden), ndim=3, device=self.device)
+        self._check_topk(topk_idx, None, num_experts, M)
+        num_tokens, num_topk = topk_idx.shape
+        if token_rows.shape[2] != num_topk:
+            raise ValueError(f"topk_idx: {num_topk} columns, the dispatch that made the handle had {token_rows.shape[2]}")
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), ndim=2,
+                         device=self.device)
+        elif token_weights is None:
+            raise ValueError("topk_weights: None needs a handle whose dispatch carried the weights "
+                             "(low_latency_dispatch(..., topk_weights=...))")
+        if out is not None:
+            check_tensor("out", out, dtype=torch.bfloat16, shape=(num_tokens, hidden), ndim=2, device=self.device)
+        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, R, torch.int64)
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be set")
+        return fields
+
+    def _check_handle(self, handle):
+        handle = as_handle(handle)
+        src_info, layout_range, M, hidden, num_experts = handle
+        token_rows, recv_tokens, token_weights = handle.token_rows, handle.recv_tokens, handle.token_weights
+        check_positive_int("handle M", M)
+        self._check_experts(num_experts)
+        L, R = num_experts // self.num_ranks, self.num_ranks
+        check_tensor("handle src_info", src_info, dtype=torch.int32, shape=(L, R * M), ndim=2, device=self.device)
+        check_tensor("handle layout_range", layout_range, dtype=torch.int64, shape=(L, R), ndim=2, device=self.device)
+        check_tensor("handle token_rows", token_rows, dtype=torch.int32, ndim=3, device=self.device)
+        if token_rows.shape[:2] != (R, M):
+            raise ValueError(f"handle token_rows: shape {tuple(token_rows.shape)}, expected ({R}, {M}, K)")
+        check_tensor("handle recv_tokens", recv_tokens, dtype=torch.int32, shape=(R,), ndim=1, device=self.device)
+        if token_weights is not None:
+            check_tensor("handle token_weights", token_weights, dtype=torch.float32, shape=tuple(token_rows.shape),
+                         ndim=3, device=self.device)
+        return src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights
+
+    # -- the rank mask -------------------------------------------------------------------------------
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask a rank: a masked rank is neither sent to nor waited for."""
+        if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.num_ranks:
+            raise ValueError(f"rank_to_mask={rank_to_mask!r}: expected an int in [0, {self.num_ranks})")
+        self.mask[rank_to_mask].fill_(1 if mask else 0)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask into mask_status ([R] int32; 1 = masked, by the user or after a timeout)."""
+        check_tensor("mask_status", mask_status, dtype=torch.int32, shape=(self.num_ranks,), ndim=1)
+        if self.device.type == "cuda":
+            check_cuda("mask_status", mask_status)
+        mask_status.copy_(self.mask)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank."""
+        self.mask.zero_()
+
+
+class LowLatencyBuffer(LowLatencyChecks):
     """The low-latency half of epkern.Buffer: DeepEP's low_latency_* methods over one peer buffer."""
 
     def __init__(self, group, num_bytes: int, timeout_s: float | None = None, num_sms: int = DEFAULT_NUM_SMS):
@@ -105,23 +243,6 @@ class LowLatencyBuffer:
         self.buffer_idx ^= 1
         return idx
 
-    def _check_experts(self, num_experts: int) -> None:
-        check_positive_int("num_experts", num_experts)
-        if num_experts % self.num_ranks:
-            raise ValueError(f"num_experts={num_experts} must be divisible by the number of ranks {self.num_ranks}")
-
-    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int, max_tokens: int) -> None:
-        check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2, device=self.device)
-        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
-            raise ValueError(f"topk_idx: {topk_idx.shape[0]} rows, expected one per token ({num_tokens})")
-        if topk_idx.shape[0] > max_tokens:
-            raise ValueError(f"{topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={max_tokens}")
-        check_range("topk_idx", topk_idx, -1, num_experts)
-
-    def _check_stats(self, name: str, t, length: int, dtype) -> None:
-        if t is not None:
-            check_tensor(name, t, dtype=dtype, shape=(length,), ndim=1, device=self.device)
-
     # -- dispatch ------------------------------------------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
@@ -148,24 +269,11 @@ class LowLatencyBuffer:
         the result is the same bit for bit. Every rank must pass them alike (as every other option).
         """
         M = num_max_dispatch_tokens_per_rank
-        check_positive_int("num_max_dispatch_tokens_per_rank", M)
-        self._check_experts(num_experts)
-        check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device)
-        num_tokens, hidden = x.shape
-        if use_fp8 and hidden % 128:
-            raise ValueError(f"x: hidden={hidden} must be a multiple of 128 with use_fp8=True (128-channel scale groups)")
-        if hidden % 8 or hidden == 0:
-            raise ValueError(f"x: hidden={hidden} must be a multiple of 8 (rows a multiple of 16 bytes)")
-        self._check_topk(topk_idx, num_tokens, num_experts, M)
+        self._check_dispatch_args(x, topk_idx, M, num_experts, cumulative_local_expert_recv_stats,
+                                  dispatch_wait_recv_cost_stats, use_fp8, async_finish, return_recv_hook, topk_weights)
+        hidden = x.shape[1]
         carry = topk_weights is not None
-        if carry:
-            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), ndim=2,
-                         device=self.device)
         L, R = num_experts // self.num_ranks, self.num_ranks
-        self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, L, torch.int32)
-        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, R, torch.int64)
-        if async_finish and return_recv_hook:
-            raise ValueError("async_finish and return_recv_hook cannot both be set")
         spec = LowLatencySpec(dispatch_kind(use_fp8, round_scale, use_ue8m0), hidden, R, num_experts, topk_idx.shape[1],
                               carry_weights=carry)
         layout = self._layout(M, hidden, num_experts)
@@ -233,25 +341,10 @@ class LowLatencyBuffer:
         epkern.low_latency.logfmt is the CPU reference.
         """
         src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights = \
-            self._check_handle(handle)
+            self._check_combine_args(x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out,
+                                     combine_wait_recv_cost_stats)
         L, R = num_experts // self.num_ranks, self.num_ranks
-        if not zero_copy:
-            check_tensor("x", x, dtype=torch.bfloat16, shape=(L, R * M, hidden), ndim=3, device=self.device)
-        self._check_topk(topk_idx, None, num_experts, M)
         num_tokens, num_topk = topk_idx.shape
-        if token_rows.shape[2] != num_topk:
-            raise ValueError(f"topk_idx: {num_topk} columns, the dispatch that made the handle had {token_rows.shape[2]}")
-        if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_tokens, num_topk), ndim=2,
-                         device=self.device)
-        elif token_weights is None:
-            raise ValueError("topk_weights: None needs a handle whose dispatch carried the weights "
-                             "(low_latency_dispatch(..., topk_weights=...))")
-        if out is not None:
-            check_tensor("out", out, dtype=torch.bfloat16, shape=(num_tokens, hidden), ndim=2, device=self.device)
-        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, R, torch.int64)
-        if async_finish and return_recv_hook:
-            raise ValueError("async_finish and return_recv_hook cannot both be set")
         spec = LowLatencySpec("combine_logfmt" if use_logfmt else "combine", hidden, R, num_experts, num_topk)
         layout = self._layout(M, hidden, num_experts)
         idx = self._next_buffer()
@@ -268,24 +361,6 @@ class LowLatencyBuffer:
                                                    combined)) \
             if async_finish else EventOverlap()
         return combined, event, hook
-
-    def _check_handle(self, handle):
-        handle = as_handle(handle)
-        src_info, layout_range, M, hidden, num_experts = handle
-        token_rows, recv_tokens, token_weights = handle.token_rows, handle.recv_tokens, handle.token_weights
-        check_positive_int("handle M", M)
-        self._check_experts(num_experts)
-        L, R = num_experts // self.num_ranks, self.num_ranks
-        check_tensor("handle src_info", src_info, dtype=torch.int32, shape=(L, R * M), ndim=2, device=self.device)
-        check_tensor("handle layout_range", layout_range, dtype=torch.int64, shape=(L, R), ndim=2, device=self.device)
-        check_tensor("handle token_rows", token_rows, dtype=torch.int32, ndim=3, device=self.device)
-        if token_rows.shape[:2] != (R, M):
-            raise ValueError(f"handle token_rows: shape {tuple(token_rows.shape)}, expected ({R}, {M}, K)")
-        check_tensor("handle recv_tokens", recv_tokens, dtype=torch.int32, shape=(R,), ndim=1, device=self.device)
-        if token_weights is not None:
-            check_tensor("handle token_weights", token_weights, dtype=torch.float32, shape=tuple(token_rows.shape),
-                         ndim=3, device=self.device)
-        return src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights
 
     def _send_region(self, layout: BufferLayout, idx: int, L: int, rows: int, hidden: int) -> torch.Tensor:
         return self.peer.view(self.rank, layout.send(idx), (L, rows, hidden), torch.bfloat16)
@@ -315,22 +390,6 @@ class LowLatencyBuffer:
         self.tickets.zero_()
         self.epochs.zero_()
         self._barrier()
-
-    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Mask (mask=True) or unmask a rank: a masked rank is neither sent to nor waited for."""
-        if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.num_ranks:
-            raise ValueError(f"rank_to_mask={rank_to_mask!r}: expected an int in [0, {self.num_ranks})")
-        self.mask[rank_to_mask].fill_(1 if mask else 0)
-
-    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Copy the mask into mask_status ([R] int32; 1 = masked, by the user or after a timeout)."""
-        check_tensor("mask_status", mask_status, dtype=torch.int32, shape=(self.num_ranks,), ndim=1)
-        check_cuda("mask_status", mask_status)
-        mask_status.copy_(self.mask)
-
-    def low_latency_clean_mask_buffer(self) -> None:
-        """Unmask every rank."""
-        self.mask.zero_()
 
     def destroy(self) -> None:
         self.peer.close()

@@ -112,12 +112,25 @@ class CallHeaders:
         if len(send_splits) == 1:
             recv.copy_(send)
             return
-        if send.device.type != "cpu":
-            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
-            return
+        self.start_all_to_all(recv, send, recv_splits, send_splits, group, op)()
+
+    def start_all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: list[int] | None,
+                         send_splits: list[int] | None, group, op: str):
+        """Issue all_to_all_single over `group` without waiting (None splits: equal blocks); returns
+        wait(). On a host (gloo) group wait() blocks until recv is filled, under the timeout
+        (PeerTimeoutError); on a device (NCCL) group the transfer is NCCL's own kernel on NCCL's
+        stream and wait() orders the current stream after it, without blocking the host (the
+        group's timeout, set at init_process_group, bounds it there)."""
         work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=True)
-        try:
-            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
-        except RuntimeError as exc:
-            raise PeerTimeoutError(f"{self._where(op)}: the data exchange did not complete within "
-                                   f"{self.timeout_s:g} s ({exc})") from None
+        on_host = send.device.type == "cpu"
+
+        def wait(tensors=(recv, send)) -> None:   # the tensors live until the transfer is waited for
+            if not on_host:
+                work.wait()
+                return
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            except RuntimeError as exc:
+                raise PeerTimeoutError(f"{self._where(op)}: the data exchange did not complete within "
+                                       f"{self.timeout_s:g} s ({exc})") from None
+        return wait
