@@ -58,6 +58,26 @@ class LoadedModule:
     def kernel(self, entry: str = ""):
         return self.entry(entry).kernel
 
+    def all_resident(self, entry: str, blocks: int, threads: int, smem: int = 0) -> bool:
+        """Whether `blocks` blocks of entry can all be resident on the device at once (what a cooperative
+        launch needs): the driver's occupancy for (threads, smem) times the SM count; cached."""
+        key = ("resident", entry, threads, smem)
+        per_sm = self._entries.get(key)
+        if per_sm is None:
+            import torch
+            from cuda.bindings import driver
+
+            from .launch import as_function
+
+            e = self._entries.get(entry) or self.entry(entry)
+            if smem > e.smem_allowed:
+                _set_max_dynamic_smem(e.kernel, smem, self.device)
+                e.smem_allowed = smem
+            err, n = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(as_function(e.kernel.handle), threads, smem)
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            per_sm = self._entries[key] = (int(n) if err == driver.CUresult.CUDA_SUCCESS else 0) * sms
+        return blocks <= per_sm
+
     def launcher(self, entry: str, grid, block, codes: str, smem: int = 0, cooperative: bool = False) -> Launcher:
         """A prepared launch of entry point `<symbol>_<entry>` (see codegen.launch.Launcher): build it once
         per call signature and call it as launcher(stream_handle, *values) on every call."""

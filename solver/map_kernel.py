@@ -112,13 +112,16 @@ _partials: dict = {}
 _launchers: dict = {}
 
 
-def _ticket(device: torch.device, stream_handle: int) -> torch.Tensor:
-    """The count kernel's last-block ticket for this stream (it leaves the ticket at zero)."""
+TICKET_WORDS = 4  # the count's counters (templates/lplb_map.cu.j2), zero at first use
+
+
+def ticket(device: torch.device, stream_handle: int) -> SelfResettingZeros:
+    """The count kernel's counters for this stream (the kernel keeps them usable between launches)."""
     key = (device.index, stream_handle)
     t = _tickets.get(key)
     if t is None:
-        t = _tickets[key] = SelfResettingZeros(1, device)
-    return t.get()
+        t = _tickets[key] = SelfResettingZeros(TICKET_WORDS, device)
+    return t
 
 
 def count_partials(device: torch.device, stream_handle: int, n_sms: int, num_experts: int) -> torch.Tensor:
@@ -136,8 +139,11 @@ def launcher(spec: MapSpec, device: int, entry: str, n_sms: int):
     found = _launchers.get(key)
     if found is None:
         module = get_module(spec, device)
-        if entry == "count":
-            found = module.launcher("count", n_sms, spec.threads, "pqppppp", smem=4 * spec.num_experts)
+        if entry == "count":  # every block resident: they meet and share the scan (count_grid)
+            smem = 4 * spec.num_experts
+            grid = module.all_resident("count_grid", n_sms, spec.threads, smem)
+            found = module.launcher("count_grid" if grid else "count", n_sms, spec.threads, "pqppppp", smem=smem,
+                                    cooperative=grid)
         else:
             found = module.launcher("map", n_sms, spec.threads, "pqppppp",
                                     smem=spec.threads // 32 * spec.num_experts * 4)
@@ -162,7 +168,7 @@ def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int, by_sm: torch.Ten
     err, err_any = count_site(device.index, num_experts, errors.check_level())
     launcher(spec, device.index, "count", n_sms)(
         stream, idx.data_ptr(), idx.numel(), by_sm.data_ptr(), count_partials(device, stream, n_sms, num_experts).data_ptr(),
-        _ticket(device, stream).data_ptr(), err, err_any)
+        ticket(device, stream).get().data_ptr(), err, err_any)
     return by_sm
 
 

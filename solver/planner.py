@@ -370,10 +370,7 @@ class _RunBuffers:
             self.by_sm_ptr = self.by_sm.data_ptr()
             self.workload_ptr = self.by_sm_ptr + 4 * (plan.n_sms - 1) * E  # the last row: the totals
             self.partials_ptr = map_kernel.count_partials(dev, stream, plan.n_sms, E).data_ptr()
-            key = (dev.index, stream)
-            self.ticket = map_kernel._tickets.get(key)
-            if self.ticket is None:
-                self.ticket = map_kernel._tickets[key] = map_kernel.SelfResettingZeros(1, dev)
+            self.ticket = map_kernel.ticket(dev, stream)
             self.ticket_ptr = self.ticket.tensor.data_ptr()
             # the fused run's state (solver/run_kernel.py state_words), kept usable by the kernel
             self.run_zeros = map_kernel.SelfResettingZeros(run_kernel.state_words(E), dev)

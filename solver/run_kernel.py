@@ -70,27 +70,11 @@ def run_spec(group_size: int, dups: int, combined: int, num_experts: int) -> Run
 
 
 _launchers: dict = {}
-_resident: dict = {}
 
 
 def fits(spec: RunSpec, device: int, n_sms: int, n_group: int) -> bool:
     """Whether n_sms blocks can all be resident at once (a cooperative launch needs it) and hold every group."""
-    if n_sms < n_group:
-        return False
-    key = (spec, device)
-    per_sm = _resident.get(key)
-    if per_sm is None:
-        from cuda.bindings import driver
-
-        from epkern.codegen.launch import as_function
-
-        module = get_module(spec, device)
-        fn = as_function(module.entry("").kernel.handle)
-        err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, THREADS, spec.smem)
-        per_sm = int(per_sm) if err == driver.CUresult.CUDA_SUCCESS else 0
-        _resident[key] = per_sm
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return n_sms <= per_sm * sms
+    return n_sms >= n_group and get_module(spec, device).all_resident("", n_sms, THREADS, spec.smem)
 
 
 def launcher(spec: RunSpec, device: int, n_sms: int):

@@ -129,7 +129,7 @@ def test_map_spec_validation():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape, n_sms", [((4096, 8), 132), ((16384, 8), 132), ((1000, 7), 5), ((1,), 3),
-                                          ((0, 8), 4), ((4096, 8), 200), ((65536,), 78)])
+                                          ((0, 8), 4), ((4096, 8), 200), ((65536,), 78), ((65536,), 5000)])
 def test_gpu_count_and_map_equal_references(shape, n_sms):
     planner = make_planner("cuda")
     idx = random_idx(shape, 8)
@@ -144,6 +144,20 @@ def test_gpu_count_and_map_equal_references(shape, n_sms):
         again = planner.weighted_select_target(idx.cuda(), probs.cuda(), planner.count_workload(idx.cuda(), n_sms)[1],
                                                n_sms)
         assert torch.equal(again, mapped)
+
+
+@pytest.mark.gpu
+def test_gpu_count_takes_the_grid_scan_when_every_block_fits():
+    """132 blocks fit an H100/H200 at once: the blocks share the scan (count_grid, cooperative); 5000 do
+    not: the last block scans (count). Both give the reference (test above)."""
+    from epkern.solver import map_kernel
+
+    spec = map_kernel.MapSpec.for_experts(E)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = map_kernel.launcher(spec, 0, "count", sms)
+    assert grid.name.endswith("_count_grid") and grid.cooperative
+    last = map_kernel.launcher(spec, 0, "count", 5000)
+    assert last.name.endswith("_count") and not last.cooperative
 
 
 @pytest.mark.gpu
