@@ -166,7 +166,7 @@ def cpu_stub(record: list | None = None, fused: bool = True):
     """Every wrapper's fast path on CPU tensors: get_module returns modules of fake kernels, each
     Launcher call goes to a hook (appending (kernel name, argument values) to `record` if given),
     the stream is 0 and the error words are fake pointers; Planner.run plans take the one-kernel run if
-    `fused`, else the three kernels. Plans are made with `seed_*` below."""
+    `fused`, else the three kernels (the count's last-block scan). Plans are made with `seed_*` below."""
     from epkern import errors, fp8, layout
     from epkern.codegen import launch
     from epkern.codegen.runtime import LoadedModule
@@ -180,14 +180,15 @@ def cpu_stub(record: list | None = None, fused: bool = True):
             record.append((launcher.name, values))
 
     saved = [(m, "get_module", m.get_module) for m in (fp8, layout, ipm_kernel, map_kernel, run_kernel)]
-    saved.append((run_kernel, "fits", run_kernel.fits))
+    saved.append((LoadedModule, "all_resident", LoadedModule.all_resident))
     saved += [(m, "_raw_stream", getattr(m, "_raw_stream")) for m in (fp8, layout, planner)]
     saved += [(fp8, "_grid", fp8._grid), (errors, "site", errors.site), (map_kernel, "current_stream_handle",
                                                                          map_kernel.current_stream_handle),
               (ipm_kernel, "current_stream_handle", ipm_kernel.current_stream_handle)]
     for m in (fp8, layout, ipm_kernel, map_kernel, run_kernel):
         m.get_module = get_module
-    run_kernel.fits = lambda spec, device, n_sms, n_group: fused
+    # fused: every grid fits at once (the one-kernel run, the count's grid scan); else none does
+    LoadedModule.all_resident = lambda self, entry, blocks, threads, smem=0: fused
     for m in (fp8, layout, planner):
         m._raw_stream = lambda device: 0
     map_kernel.current_stream_handle = ipm_kernel.current_stream_handle = lambda device: 0
