@@ -5,6 +5,7 @@
 #
 # WHEELS: a folder of wheels to install first with pip --no-deps --no-index (e.g. a copy of
 # /work/wheels: nccl4py and nccl-extensions, for NCCL EP side by side); skipped when absent.
+# RANKS2_TOKENS, TUNE_NUM_SMS: the 2-rank token counts and the SM counts tune tries (defaults below).
 # EPKERN_COMMIT: the commit the results name (default: git rev-parse here; an archived tree
 # without .git must pass it, else the results say 'unknown').
 # Steps, each with its exit status printed, the next one running after a failure:
@@ -82,6 +83,8 @@ environment() {
 }
 
 EPKERN=("$PY" -m epkern.cli)
+RANKS2_TOKENS=${RANKS2_TOKENS:-128,512,4096}   # a shorter run: fewer token counts / SM counts
+TUNE_NUM_SMS=${TUNE_NUM_SMS:-16,24,32,64}
 SHAPE='{"hidden": 7168, "num_experts": 256, "num_topk": 8'
 echo "$SHAPE, \"ep_sizes\": [1, 2]}" > "$WORK/precompile.json"
 echo "$SHAPE, \"ep_sizes\": [2]}" > "$WORK/tune.json"
@@ -93,11 +96,11 @@ main() {
     step environment "" environment
     step precompile 100 "${EPKERN[@]}" precompile --config "$WORK/precompile.json"
     step h200 120 "${EPKERN[@]}" bench --what fp8,layout,lplb,moe --out "$OUT/bench/h200"
-    step h200_ranks2 120 "${EPKERN[@]}" bench --what dispatch,combine,low_latency --ranks 2 --tokens 128,512,4096 \
+    step h200_ranks2 120 "${EPKERN[@]}" bench --what dispatch,combine,low_latency --ranks 2 --tokens "$RANKS2_TOKENS" \
         --out "$OUT/bench/h200_ranks2"
     step h200_ranks1 75 "${EPKERN[@]}" bench --what dispatch,combine --ranks 1 --repeats 30 \
         --out "$OUT/bench/h200_ranks1"
-    step tune 90 "${EPKERN[@]}" tune --config "$WORK/tune.json" --tokens 4096 --num-sms 16,24,32,64 --repeats 10 \
+    step tune 90 "${EPKERN[@]}" tune --config "$WORK/tune.json" --tokens 4096 --num-sms "$TUNE_NUM_SMS" --repeats 10 \
         --out "$OUT/bench/tuned_h200.json"
     tar -czf "$OUT/bench.tar.gz" -C "$OUT" bench && echo "packed $OUT/bench.tar.gz"
     [ -n "$OUT_GIVEN" ] && rm -rf "$OUT/bench"
