@@ -18,13 +18,14 @@ FORMATS = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_roun
 TOKENS = [5, 0, 8, 3]    # tokens per rank (rank 1 has none)
 
 
-def _inputs(rank: int, num_ranks: int, num_experts: int, seed: int, device, num_tokens: int | None = None):
+def _inputs(rank: int, num_ranks: int, num_experts: int, seed: int, device, num_tokens: int | None = None,
+            hidden: int = H, num_topk: int = K):
     g = torch.Generator().manual_seed(1000 * seed + rank)
     T = TOKENS[rank % len(TOKENS)] if num_tokens is None else num_tokens
-    x = (torch.randn(T, H, generator=g) * 2).to(torch.bfloat16)
-    topk_idx = torch.rand(T, num_experts, generator=g).topk(K, dim=1).indices
-    topk_idx[torch.rand(T, K, generator=g) < 0.2] = -1
-    weights = torch.rand(T, K, generator=g) + 0.1
+    x = (torch.randn(T, hidden, generator=g) * 2).to(torch.bfloat16)
+    topk_idx = torch.rand(T, num_experts, generator=g).topk(num_topk, dim=1).indices
+    topk_idx[torch.rand(T, num_topk, generator=g) < 0.2] = -1
+    weights = torch.rand(T, num_topk, generator=g) + 0.1
     return x.to(device), topk_idx.to(device), weights.to(device)
 
 
@@ -36,9 +37,14 @@ def _dequant(recv, fmt) -> torch.Tensor:
     q, scales = recv
     if use_ue8m0:
         words = scales.to(torch.int64)
-        b = torch.stack([(words >> (8 * i)) & 0xFF for i in range(4)], -1).flatten(-2)[..., :H // 128]
+        b = torch.stack([(words >> (8 * i)) & 0xFF for i in range(4)], -1).flatten(-2)[..., :q.shape[-1] // 128]
         scales = torch.ldexp(torch.ones_like(b, dtype=torch.float32), (b - 127).to(torch.int32))
     return q.float() * scales.float().repeat_interleave(128, dim=-1)
+
+
+def _expert_slice(recv, l: int):
+    """Local expert l's received rows (and scales), in recv's format."""
+    return tuple(t[l] for t in recv) if isinstance(recv, tuple) else recv[l]
 
 
 def _expected_rows(x, fmt) -> torch.Tensor:
@@ -51,11 +57,11 @@ def _expected_rows(x, fmt) -> torch.Tensor:
     return dequantize_reference(q, scale, 128, torch.float32)
 
 
-def _check_dispatch(rank, R, E, seed, recv, count, handle, fmt, talks, device):
-    """talks[r]: rank r's tokens reach us (neither side masked the other)."""
+def _check_dispatch(rank, R, E, seed, recv, count, handle, fmt, talks, device, sources=None):
+    """talks[r]: rank r's tokens reach us (neither side masked the other); sources: every rank's
+    (x, topk_idx, weights) on the CPU (default: _inputs of the seed). M and H are the handle's."""
     L = E // R
-    src_info, layout_range = handle[0], handle[1]
-    data = _dequant(recv, fmt).cpu()
+    src_info, layout_range, M, H = handle[0], handle[1], handle[2], handle[3]
     if fmt[0]:
         q, scales = recv
         assert q.dtype == torch.float8_e4m3fn and q.shape == (L, R * M, H)
@@ -64,9 +70,10 @@ def _check_dispatch(rank, R, E, seed, recv, count, handle, fmt, talks, device):
         assert scales.stride() == (cols * R * M, 1, R * M), "scales must be column-major per expert"
     else:
         assert recv.dtype == torch.bfloat16 and recv.shape == (L, R * M, H)
-    sources = [_inputs(r, R, E, seed, "cpu") for r in range(R)]
+    sources = sources or [_inputs(r, R, E, seed, "cpu") for r in range(R)]
     for l in range(L):
         e = rank * L + l
+        data = _dequant(_expert_slice(recv, l), fmt).cpu()   # one expert at a time: no full-size fp32 copy
         begin = 0
         for r in range(R):
             x_r, idx_r, _ = sources[r]
@@ -76,7 +83,7 @@ def _check_dispatch(rank, R, E, seed, recv, count, handle, fmt, talks, device):
             assert (lr >> 32, lr & 0xFFFFFFFF) == (begin, n), f"rank {rank} expert {e} source {r}: layout_range"
             assert torch.equal(src_info[l, begin:begin + n].cpu().long(), tokens), f"expert {e} source {r}: src_info"
             want = _expected_rows(x_r[tokens], fmt)
-            assert torch.equal(data[l, begin:begin + n], want), f"expert {e} source {r}: rows"
+            assert torch.equal(data[begin:begin + n], want), f"expert {e} source {r}: rows"
             begin += n
         assert int(count[l]) == begin, f"rank {rank} expert {e}: {int(count[l])} rows, expected {begin}"
         assert (src_info[l, begin:] == -1).all()
