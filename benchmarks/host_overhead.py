@@ -112,7 +112,7 @@ def buffer_calls(group) -> dict:
                                                  num_tokens_per_expert=layout[2], topk_idx=topk_idx,
                                                  topk_weights=weights)
     ll_x, _, ll_handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, tokens, experts, use_fp8=True)
-    ll_out = torch.randn(ll_x.shape, device="cuda", dtype=torch.bfloat16)
+    ll_out = torch.randn(ll_x[0].shape, device="cuda", dtype=torch.bfloat16)  # use_fp8: (rows, scales)
     config = {"tokens": tokens, "hidden": hidden, "experts": experts, "topk": topk, "ranks": 1}
     return {
         "Buffer.dispatch 128x7168 cached handle EP1": (lambda: buffer.dispatch(x, handle=handle), config),
