@@ -93,6 +93,32 @@ def kernel_args(args: tuple) -> list:
     return out
 
 
+# numpy scalar type -> Launcher argument code (a uint64 goes in a pointer slot: both are 8 unsigned bytes)
+_ARG_CODES = {np.int32: "i", np.int64: "q", np.uint32: "I", np.uint64: "p", np.float32: "f"}
+
+
+def launch_values(args: tuple) -> tuple[str, list]:
+    """(the Launcher codes, the values) of launch arguments as kernel_arg takes them: tensors pass their
+    pointer, None a null pointer, numpy scalars their value in a slot of their type."""
+    codes, values = [], []
+    for a in args:
+        t = type(a)
+        if t is _Tensor or isinstance(a, _Tensor):
+            codes.append("p")
+            values.append(a.data_ptr())
+        elif a is None:
+            codes.append("p")
+            values.append(0)
+        else:
+            code = _ARG_CODES.get(t)
+            if code is None:
+                kernel_arg(a)  # raises the TypeError that names the argument
+                raise TypeError(f"kernel argument {a!r} of type {t.__name__}: no C type for it")
+            codes.append(code)
+            values.append(a)
+    return "".join(codes), values
+
+
 # -- kernel parameter lists ---------------------------------------------------------------------
 # numpy scalars are immutable, and a launch's scalars (ranks, offsets, sizes) mostly repeat from call
 # to call: a cached scalar for a Python int costs a dict lookup instead of a numpy construction

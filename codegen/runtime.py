@@ -5,7 +5,9 @@ import threading
 from dataclasses import dataclass, field
 
 from . import compiler, jit
-from .launch import LaunchError, Launcher, cuda_stream, current_stream_handle, kernel_args, launch_config, stream_handle
+from .launch import LaunchError, Launcher, current_stream_handle, launch_values, stream_handle
+
+_LAUNCHER_LIMIT = 1024  # prepared launches kept per module (grids that follow the data make new ones)
 
 
 def _set_max_dynamic_smem(kernel, smem: int, device: int) -> None:
@@ -41,11 +43,7 @@ class LoadedModule:
     device: int
     object_code: object
     _entries: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        from cuda.core import launch
-
-        self._launch = launch
+    _launchers: dict = field(default_factory=dict)
 
     def entry(self, entry: str = "") -> _Entry:
         """Entry point `<symbol>_<entry>` (or `<symbol>` for entry ''), looked up once."""
@@ -91,18 +89,18 @@ class LoadedModule:
     def launch(self, entry: str, grid, block, *args, smem: int = 0, cooperative: bool = False, stream=None):
         """Launch entry point `<symbol>_<entry>` (or `<symbol>` for entry '') on a stream: torch's
         current stream on this module's device by default, else a torch stream, a raw handle or
-        any __cuda_stream__ object. Every per-call object is cached (see codegen/launch.py)."""
-        e = self._entries.get(entry) or self.entry(entry)
-        if smem > e.smem_allowed:
-            _set_max_dynamic_smem(e.kernel, smem, self.device)
-            e.smem_allowed = smem
-        config = launch_config(grid, block, smem, cooperative)
-        params = kernel_args(args)
-        handle = current_stream_handle(self.device) if stream is None else stream_handle(stream)
-        try:
-            self._launch(cuda_stream(handle), config, e.kernel, *params)
-        except Exception as exc:
-            raise LaunchError(f"launching {e.name} (grid={grid}, block={block}, smem={smem}) failed: {exc}") from exc
+        any __cuda_stream__ object. Arguments as codegen.launch.kernel_arg takes them; the launch goes
+        through a prepared Launcher kept per (entry, grid, block, smem, cooperative, argument types)."""
+        codes, values = launch_values(args)
+        grid = grid if type(grid) is int else tuple(grid)
+        block = block if type(block) is int else tuple(block)
+        key = (entry, grid, block, smem, cooperative, codes)
+        found = self._launchers.get(key)
+        if found is None:
+            if len(self._launchers) >= _LAUNCHER_LIMIT:
+                self._launchers.clear()
+            found = self._launchers[key] = self.launcher(entry, grid, block, codes, smem=smem, cooperative=cooperative)
+        found(current_stream_handle(self.device) if stream is None else stream_handle(stream), *values)
 
 
 _modules: dict = {}

@@ -20,14 +20,16 @@ class _FakeCode:
 
 
 def _module(monkeypatch, calls, fail=None):
+    """A module of fake kernels whose launches go to a hook: `calls` gets (launcher, stream handle,
+    argument values) per launch; with `fail`, launches reach the driver call instead, which returns
+    that error, so the Launcher's own error path raises."""
     module = LoadedModule(fp8._spec(7168, 128, "bf16", "fp32", "row"), "sm_90a", 0, _FakeCode())
-
-    def fake_launch(stream, config, kernel, *args):
-        if fail:
-            raise RuntimeError(fail)
-        calls.append((stream, config, kernel, args))
-
-    module._launch = fake_launch
+    if fail:
+        monkeypatch.setattr(launch, "_cu_launch", lambda *args: (fail,))
+        monkeypatch.setattr(launch, "_driver_launch", None)
+    else:
+        monkeypatch.setattr(launch, "_driver_launch", lambda launcher, stream, values: calls.append(
+            (launcher, stream, values)))
     monkeypatch.setattr(runtime, "current_stream_handle", lambda device: 0x1234)
     return module
 
@@ -74,37 +76,48 @@ def test_kernel_args_refuse_untyped_scalars(bad):
         launch.kernel_args((bad,))
 
 
-def test_module_looks_each_entry_up_once(monkeypatch):
+def test_module_looks_each_entry_up_once_and_prepares_one_launch(monkeypatch):
     calls = []
     module = _module(monkeypatch, calls)
+    t = torch.zeros(2)
     for _ in range(3):
-        module.launch("cast", 4, 256, torch.zeros(2), np.int32(1))
+        module.launch("cast", 4, 256, t, np.int32(1))
     assert module.object_code.lookups == [f"{module.spec.symbol}_cast"]
-    streams = {id(c[0]) for c in calls}
-    configs = {id(c[1]) for c in calls}
-    assert len(streams) == 1 and len(configs) == 1
-    assert calls[0][0].__cuda_stream__() == (0, 0x1234)
-    assert calls[0][2] == f"kernel:{module.spec.symbol}_cast"
+    assert len({id(c[0]) for c in calls}) == 1  # one prepared Launcher serves every call
+    launcher, stream, values = calls[0]
+    assert stream == 0x1234 and launcher.codes == "pi" and values == (t.data_ptr(), 1)
+    assert launcher.name == f"{module.spec.symbol}_cast" and launcher.grid == (4, 1, 1)
+    module.launch("cast", 4, 256, t, np.int64(1))  # another argument type: another launch
+    assert calls[-1][0].codes == "pq" and calls[-1][0] is not launcher
+
+
+def test_launch_values_codes():
+    t = torch.zeros(4)
+    codes, values = launch.launch_values((t, None, np.int32(3), np.int64(4), np.uint32(5), np.uint64(6),
+                                          np.float32(0.5), torch.nn.Parameter(t)))
+    assert codes == "ppiqIpfp" and values[0] == t.data_ptr() and values[1] == 0 and values[-1] == t.data_ptr()
 
 
 def test_explicit_stream_is_used(monkeypatch):
     calls = []
     module = _module(monkeypatch, calls)
     module.launch("cast", 1, 32, stream=0x99)
-    assert calls[0][0].__cuda_stream__() == (0, 0x99)
+    assert calls[0][1] == 0x99
 
 
 def test_launch_error_names_the_kernel(monkeypatch):
     module = _module(monkeypatch, [], fail="CUDA_ERROR_INVALID_VALUE")
-    with pytest.raises(LaunchError, match=rf"{module.spec.symbol}_cast \(grid=7, block=256, smem=0\).*INVALID"):
+    with pytest.raises(LaunchError, match=rf"{module.spec.symbol}_cast \(grid=\(7, 1, 1\), block=\(256, 1, 1\), "
+                                          rf"smem=0.*INVALID"):
         module.launch("cast", 7, 256, np.int32(1))
 
 
-def test_bad_argument_raises_before_launch(monkeypatch):
+@pytest.mark.parametrize("bad", [5, 2.5, True, "x"])
+def test_bad_argument_raises_before_launch(monkeypatch, bad):
     calls = []
     module = _module(monkeypatch, calls)
     with pytest.raises(TypeError, match="numpy scalar"):
-        module.launch("cast", 1, 32, 5)
+        module.launch("cast", 1, 32, bad)
     assert calls == []
 
 
