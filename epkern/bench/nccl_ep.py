@@ -121,7 +121,24 @@ class _Descriptors:
         self._made.clear()
 
 
-class HighThroughput:
+class _Mode:
+    """What both modes share: the combine's output per token count (made once, reused by the next
+    combine of that count) and tearing the handle and group down."""
+
+    def _combine_output(self, T: int) -> torch.Tensor:
+        out = self._combined.get(T)
+        if out is None:
+            out = self._combined[T] = torch.empty(T, self.model.hidden, dtype=torch.bfloat16, device=self.device)
+        return out
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            self.handle.destroy()
+            self.handle = None
+        self.group.destroy()
+
+
+class HighThroughput(_Mode):
     """NCCL EP's normal mode for one model shape, up to max_tokens tokens per rank."""
 
     def __init__(self, session: Session, model, ranks: int, max_tokens: int, device):
@@ -176,20 +193,15 @@ class HighThroughput:
             source = self._staging
             source[:rows.shape[0]].copy_(rows)
         T = self._tokens
-        out = self._combined.setdefault(T, torch.empty(T, self.model.hidden, dtype=torch.bfloat16, device=self.device))
+        out = self._combine_output(T)
         inputs = self.desc.get((source,), lambda t: self.ep.CombineInputs(tokens=t))
         outputs = self.desc.get((out,), lambda t: self.ep.CombineOutputs(tokens=t))
         self.handle.combine(inputs, outputs, stream=_stream())
         return out
 
-    def destroy(self) -> None:
-        if self.handle is not None:
-            self.handle.destroy()
-            self.handle = None
-        self.group.destroy()
 
 
-class LowLatency:
+class LowLatency(_Mode):
     """NCCL EP's low-latency mode for one model shape and M (max tokens per rank and call)."""
 
     def __init__(self, session: Session, model, ranks: int, max_tokens: int, device):
@@ -245,17 +257,12 @@ class LowLatency:
         """Expert outputs [L, R*M, H] bf16 -> [T, H], weighted on the receive side; the result is reused
         by the next combine of the same token count."""
         T = topk_weights.shape[0]
-        out = self._combined.setdefault(T, torch.empty(T, self.model.hidden, dtype=torch.bfloat16, device=self.device))
+        out = self._combine_output(T)
         inputs = self.desc.get((expert_out,), lambda t: self.ep.CombineInputs(tokens=t))
         outputs = self.desc.get((out, topk_weights), lambda t, w: self.ep.CombineOutputs(tokens=t, topk_weights=w))
         self.handle.combine(inputs, outputs, stream=_stream())
         return out
 
-    def destroy(self) -> None:
-        if self.handle is not None:
-            self.handle.destroy()
-            self.handle = None
-        self.group.destroy()
 
 
 # -- the runners ------------------------------------------------------------------------------------
