@@ -1,12 +1,11 @@
-"""The per-call launch path: stream handles, launch configs and kernel arguments, made cheap.
+"""The per-call launch path: stream handles, kernel arguments and prepared launches, made cheap.
 
 An eager call pays for everything here on every launch, so each piece is built once and reused:
   * the current stream is read as a raw handle (no torch Stream object per call);
-  * each raw handle maps to one cuda.core Stream (passing a foreign stream through the
-    __cuda_stream__ protocol makes cuda.core build a Stream and emit a DeprecationWarning per call);
-  * LaunchConfig objects are cached per (grid, block, smem, cooperative);
-  * tensors pass as Python ints, which cuda.core packs as pointers without any numpy work.
-Nothing here syncs, allocates device memory or calls the driver, so it is the same under capture.
+  * each raw handle maps to one cached CUstream;
+  * a Launcher holds one kernel's grid, block, shared memory and packed argument buffer, so a call
+    writes the values and calls cuLaunchKernel (cuda.bindings); tensors pass as their pointers.
+Nothing here syncs or allocates device memory, so it is the same under capture.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 
 _STREAM_CACHE_LIMIT = 4096  # distinct raw handles kept; cleared past it (a user making streams in a loop)
-_streams: dict = {}
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -38,29 +36,6 @@ def stream_handle(stream) -> int:
     return int(handle)
 
 
-def cuda_stream(handle: int):
-    """The cuda.core Stream borrowing raw handle (not owned: torch keeps the stream alive)."""
-    stream = _streams.get(handle)
-    if stream is None:
-        from cuda.core import Stream
-
-        if len(_streams) >= _STREAM_CACHE_LIMIT:
-            _streams.clear()
-        stream = _streams[handle] = Stream.from_handle(handle)
-    return stream
-
-
-@functools.lru_cache(maxsize=4096)
-def launch_config(grid, block, smem: int, cooperative: bool):
-    """A cached cuda.core LaunchConfig (read-only to the launcher, so one object serves every call)."""
-    from cuda.core import LaunchConfig
-
-    try:
-        return LaunchConfig(grid=grid, block=block, shmem_size=smem, is_cooperative=cooperative)
-    except TypeError:  # cuda.core < 1.2 spells it cooperative_launch
-        return LaunchConfig(grid=grid, block=block, shmem_size=smem, cooperative_launch=cooperative)
-
-
 _Tensor = torch.Tensor
 _generic = np.generic
 
@@ -77,20 +52,6 @@ def kernel_arg(value):
         return value
     raise TypeError(f"kernel argument {value!r}: pass a torch.Tensor, None (null pointer) or a numpy scalar "
                     "such as np.int32(x) / np.float32(x)")
-
-
-def kernel_args(args: tuple) -> list:
-    """kernel_arg of each argument; the common types are tested inline (this runs for every launch)."""
-    out = []
-    for a in args:
-        t = type(a)
-        if t is _Tensor:
-            out.append(a.data_ptr())
-        elif t is np.int32 or t is np.int64:
-            out.append(a)
-        else:
-            out.append(kernel_arg(a))
-    return out
 
 
 # numpy scalar type -> Launcher argument code (a uint64 goes in a pointer slot: both are 8 unsigned bytes)

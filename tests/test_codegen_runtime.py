@@ -34,20 +34,6 @@ def _module(monkeypatch, calls, fail=None):
     return module
 
 
-def test_launch_config_is_cached():
-    a = launch.launch_config(132, 256, 0, False)
-    assert launch.launch_config(132, 256, 0, False) is a
-    assert launch.launch_config(133, 256, 0, False) is not a
-    assert launch.launch_config((2, 3, 1), (64, 2, 1), 1024, False).shmem_size == 1024  # cooperative asks the driver
-
-
-def test_cuda_stream_is_cached_per_handle():
-    s = launch.cuda_stream(0xBEEF)
-    assert launch.cuda_stream(0xBEEF) is s
-    assert s.__cuda_stream__() == (0, 0xBEEF)
-    assert launch.cuda_stream(0xBEF0) is not s
-
-
 def test_stream_handle_accepts_ints_and_protocol_objects():
     class Proto:
         def __cuda_stream__(self):
@@ -61,19 +47,10 @@ def test_stream_handle_accepts_ints_and_protocol_objects():
     assert launch.stream_handle(TorchLike()) == 55
 
 
-def test_kernel_args_convert_tensors_none_and_numpy_scalars():
-    t = torch.zeros(4)
-    got = launch.kernel_args((t, None, np.int32(3), np.int64(4), np.float32(0.5), torch.nn.Parameter(t)))
-    assert got[0] == t.data_ptr() and type(got[0]) is int
-    assert got[1] == 0
-    assert [type(v) for v in got[2:5]] == [np.int32, np.int64, np.float32]
-    assert got[5] == t.data_ptr()
-
-
 @pytest.mark.parametrize("bad", [3, 2.5, True, "x"])
-def test_kernel_args_refuse_untyped_scalars(bad):
+def test_launch_values_refuse_untyped_scalars(bad):
     with pytest.raises(TypeError, match="numpy scalar"):
-        launch.kernel_args((bad,))
+        launch.launch_values((bad,))
 
 
 def test_module_looks_each_entry_up_once_and_prepares_one_launch(monkeypatch):

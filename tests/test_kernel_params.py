@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from epkern.codegen import KernelParams
-from epkern.codegen.launch import kernel_args
+from epkern.codegen.launch import launch_values
 from epkern.low_latency import kernels as llk
 from epkern.normal import kernels as ik
 
@@ -102,7 +102,7 @@ def _check(rec, params_by_entry):
     assert rec.calls
     for entry, args in rec.calls:
         assert len(args) == len(params_by_entry[entry].names)
-        kernel_args(args)   # no untyped Python scalar reaches the launch
+        launch_values(args)   # no untyped Python scalar reaches the launch
 
 
 def test_normal_launchers_pass_every_parameter(recorder):
