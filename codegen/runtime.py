@@ -44,6 +44,7 @@ class LoadedModule:
     object_code: object
     _entries: dict = field(default_factory=dict)
     _launchers: dict = field(default_factory=dict)
+    _resident: dict = field(default_factory=dict)  # (entry, threads, smem) -> blocks resident at once
 
     def entry(self, entry: str = "") -> _Entry:
         """Entry point `<symbol>_<entry>` (or `<symbol>` for entry ''), looked up once."""
@@ -59,9 +60,9 @@ class LoadedModule:
     def all_resident(self, entry: str, blocks: int, threads: int, smem: int = 0) -> bool:
         """Whether `blocks` blocks of entry can all be resident on the device at once (what a cooperative
         launch needs): the driver's occupancy for (threads, smem) times the SM count; cached."""
-        key = ("resident", entry, threads, smem)
-        per_sm = self._entries.get(key)
-        if per_sm is None:
+        key = (entry, threads, smem)
+        most = self._resident.get(key)
+        if most is None:
             import torch
             from cuda.bindings import driver
 
@@ -73,8 +74,8 @@ class LoadedModule:
                 e.smem_allowed = smem
             err, n = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(as_function(e.kernel.handle), threads, smem)
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            per_sm = self._entries[key] = (int(n) if err == driver.CUresult.CUDA_SUCCESS else 0) * sms
-        return blocks <= per_sm
+            most = self._resident[key] = (int(n) if err == driver.CUresult.CUDA_SUCCESS else 0) * sms
+        return blocks <= most
 
     def launcher(self, entry: str, grid, block, codes: str, smem: int = 0, cooperative: bool = False) -> Launcher:
         """A prepared launch of entry point `<symbol>_<entry>` (see codegen.launch.Launcher): build it once
