@@ -93,6 +93,24 @@ def _cast(ctype):
 
 _CASTS = {"i32": _cast(np.int32), "u32": _cast(np.uint32), "i64": _cast(np.int64), "u64": _cast(np.uint64),
           "f32": np.float32, "addr": _cast(np.uint64)}
+# parameter type -> Launcher argument code (pointers and unsigned 64-bit values share the 8-byte 'p' slot)
+_TYPE_CODES = {"ptr": "p", "addr": "p", "u64": "p", "i64": "q", "i32": "i", "u32": "I", "f32": "f"}
+
+
+class BoundParams:
+    """An argument list of a KernelParams with its static values in place (KernelParams.bind):
+    bound(*dynamic) returns the list with the per-call values written into their slots."""
+
+    __slots__ = ("_template", "_slots")
+
+    def __init__(self, template: list, slots: tuple):
+        self._template, self._slots = template, slots
+
+    def __call__(self, *dynamic) -> list:
+        values = self._template.copy()
+        for i, v in zip(self._slots, dynamic):
+            values[i] = v
+        return values
 
 
 class KernelParams:
@@ -103,7 +121,7 @@ class KernelParams:
     (a tensor, or None for a null pointer); `:i32 :u32 :i64 :u64 :f32` a scalar of that C type;
     `:addr` a pointer given as an integer address (host-mapped or peer memory)."""
 
-    __slots__ = ("entry", "names", "types", "_get", "_casts")
+    __slots__ = ("entry", "names", "types", "codes", "_get", "_casts")
 
     def __init__(self, entry: str, params: str):
         items = [p.partition(":") for p in params.split()]
@@ -116,6 +134,26 @@ class KernelParams:
         getter = operator.itemgetter(*self.names)
         self._get = getter if len(self.names) > 1 else (lambda values: (getter(values),))
         self._casts = tuple((i, _CASTS[kind]) for i, kind in enumerate(self.types) if kind != "ptr")
+        self.codes = "".join(_TYPE_CODES[kind] for kind in self.types)  # a Launcher's argument codes
+
+    def bind(self, dynamic: str, **static) -> "BoundParams":
+        """The argument list with `static` values fixed now and the names in `dynamic` (space-separated,
+        in that order) given per call: bind(...)(*values) -> the values a Launcher with `codes` takes.
+        A static tensor passes its pointer as of now (it must outlive the binding and never move)."""
+        names = dynamic.split()
+        if sorted(names + list(static)) != sorted(self.names):
+            raise self._mismatch(dict.fromkeys(names + list(static)))
+        template = []
+        for name, kind in zip(self.names, self.types):
+            value = static.get(name)
+            if name in names:
+                value = 0
+            elif kind == "ptr":
+                value = 0 if value is None else (value.data_ptr() if isinstance(value, _Tensor) else int(value))
+            else:
+                value = _CASTS[kind](value).item()
+            template.append(value)
+        return BoundParams(template, tuple(self.names.index(n) for n in names))
 
     def pack(self, **values) -> list:
         """The arguments in the kernel's order, scalars cast to their C types; every name exactly once."""

@@ -119,27 +119,76 @@ def test_normal_launchers_pass_every_parameter(recorder):
     _check(recorder, {p.entry: p for ps in ik.PARAMS.values() for p in ps})
 
 
+class _LauncherRecorder:
+    """get_module's stand-in for the prepared launches: launcher() returns a recording callable."""
+
+    def __init__(self):
+        self.calls = []
+
+    def launcher(self, entry, grid, block, codes, smem=0, cooperative=False):
+        def launch(stream, *values):
+            self.calls.append((entry, codes, values))
+        launch.device = 0
+        return launch
+
+
+class _State:
+    rank, local_base, timeout_ns = 1, 1 << 40, np.uint64(10)
+
+    def __init__(self):
+        self.ptr_table = torch.zeros(2, dtype=torch.int64)
+        self.mask = torch.zeros(2, dtype=torch.int32)
+        self.epochs = torch.zeros(4, dtype=torch.int32)
+        self.tickets = torch.zeros(4, dtype=torch.int32)
+
+
 @pytest.mark.parametrize("with_hook", [False, True])
-def test_low_latency_launchers_pass_every_parameter(recorder, with_hook):
-    t = torch.zeros(4, 2, dtype=torch.int32)
-    layout = llk.BufferLayout(8, 7168, 2, 16)
-    common = dict(rank=0, ptr_table=t, local_base=1 << 40, mask=t, timeout_ns=np.uint64(10), epoch_counter=t,
-                  send_ticket=t, with_hook=with_hook)
+@pytest.mark.parametrize("idx", [0, 1])
+def test_low_latency_launches_pass_every_parameter(monkeypatch, with_hook, idx):
+    rec = _LauncherRecorder()
+    monkeypatch.setattr(llk, "get_module", lambda spec, device=None: rec)
+    monkeypatch.setattr(llk, "current_stream_handle", lambda device: 0)
+    state, layout = _State(), llk.BufferLayout(8, 7168, 2, 16)
     spec = llk.LowLatencySpec("fp8", 7168, 2, 16, 2)
-    hook = llk.launch_dispatch(spec, layout, 1, 8, x=t, topk_idx=t, recv_x=t, recv_scales=t, recv_count=t,
-                               src_info=t, layout_range=t, token_rows=t, recv_tokens=t, cumulative_stats=None,
-                               wait_stats=None, **common)
+    launch = llk.DispatchLaunch(spec, layout, 8, 5, with_hook, 0, state, err=0x1000, err_any=0x2000)
+    inputs, outputs = (11, 12, 0), tuple(range(21, 31))
+    hook = launch(0, idx, inputs, outputs)
     if with_hook:
         hook()
-    _check(recorder, {p.entry: p for p in llk.PARAMS["dispatch"]})
-    recorder.calls.clear()
+    by_entry = {p.entry: p for p in llk.PARAMS["dispatch"]}
+    assert [e for e, _, _ in rec.calls] == (["send", "recv"] if with_hook else ["send_recv"])
+    for entry, codes, values in rec.calls:
+        p = by_entry[entry]
+        assert codes == p.codes and len(values) == len(p.names)
+        got = dict(zip(p.names, values))
+        assert got["epoch_counter"] == state.epochs.data_ptr() + 8 * idx
+        assert got["flags_off"] == layout.flags(idx) and got["max_tokens"] == 8 and got["rank"] == 1
+        if "x" in got:
+            assert (got["x"], got["topk_idx"], got["topk_weights"], got["num_tokens"]) == (11, 12, 0, 5)
+            assert (got["send_ticket"], got["err"], got["err_any"]) == (state.tickets.data_ptr() + 8 * idx, 0x1000,
+                                                                      0x2000)
+        if "recv_x" in got:
+            assert (got["recv_x"], got["wait_stats"], got["timeout_ns"]) == (21, 30, 10)
+    rec.calls.clear()
     spec = llk.LowLatencySpec("combine", 7168, 2, 16, 2)
-    hook = llk.launch_combine(spec, layout, 0, 8, x=t, token_rows=t, recv_tokens=t, topk_weights=t, topk_idx=t,
-                              out=t, wait_stats=None, **common)
+    hook = llk.CombineLaunch(spec, layout, 8, 5, with_hook, 0, state)(0, idx, (41, 42, 43, 44, 0), (51, 52, 0))
     if with_hook:
         hook()
-    _check(recorder, {p.entry: p for p in llk.PARAMS["combine"]})
-    assert [e for e, _ in recorder.calls] == (["send", "recv"] if with_hook else ["send_recv"])
-    recorder.calls.clear()
+    by_entry = {p.entry: p for p in llk.PARAMS["combine"]}
+    assert [e for e, _, _ in rec.calls] == (["send", "recv"] if with_hook else ["send_recv"])
+    for entry, codes, values in rec.calls:
+        p = by_entry[entry]
+        assert codes == p.codes and len(values) == len(p.names)
+        got = dict(zip(p.names, values))
+        assert got["epoch_counter"] == state.epochs.data_ptr() + 4 * (2 * idx + 1)
+        assert got["recv_off"] == layout.combine_recv(idx) and got["num_tokens"] == 5
+        if "x" in got:
+            assert (got["x"], got["carried_weights"], got["weights_off"]) == (41, 0, layout.weights(idx))
+        if "out" in got:
+            assert (got["out"], got["topk_idx"]) == (51, 52)
+
+
+def test_low_latency_barrier_passes_every_parameter(recorder):
+    t = torch.zeros(4, 2, dtype=torch.int32)
     llk.launch_barrier(2, ptr_table=t, rank=1, epoch=t, mask=t, timeout_ns=np.uint64(10))
     _check(recorder, {"barrier": llk.BARRIER_PARAMS})

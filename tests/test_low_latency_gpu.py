@@ -230,6 +230,26 @@ def _worker(rank, num_ranks):
     torch.cuda.synchronize()
     dist.barrier()
 
+    # ids outside [-1, E) are dropped by the kernel (as -1) and counted, no host sync at the call; the
+    # next checked call (here the combine, on every rank alike) raises DeviceCheckError before launching
+    import epkern
+
+    epkern.check_errors()  # nothing pending
+    x, topk_idx, weights = _inputs(rank, 5)
+    bad, dropped = topk_idx.clone(), topk_idx.clone()
+    bad[5, 0], bad[6, 1] = E + 3, -5
+    dropped[5, 0] = dropped[6, 1] = -1
+    all_topk = _gather_topk(dropped)
+    stats = torch.zeros(E // num_ranks, dtype=torch.int32, device="cuda")
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, bad, M, E, cumulative_local_expert_recv_stats=stats,
+                                                         use_fp8=False)
+    torch.cuda.synchronize()
+    _check_dispatch(buf, rank, num_ranks, recv, count, handle, stats, all_topk, FORMATS[0], [True] * num_ranks)
+    with pytest.raises(epkern.DeviceCheckError, match=r"low_latency_dispatch: topk_idx .*: 2 bad"):
+        buf.low_latency_combine(recv, bad, weights, handle)
+    epkern.check_errors()  # reported once
+    dist.barrier()
+
     # and everyone works again after the clean
     res = _round_trip(buf, rank, num_ranks, x, topk_idx, weights, FORMATS[1], True, False, False)
     _check_dispatch(buf, rank, num_ranks, *res[:4], all_topk, FORMATS[1], [True] * num_ranks)

@@ -10,7 +10,7 @@ from epkern.low_latency import logfmt
 from epkern.low_latency.buffer import LowLatencyBuffer, get_low_latency_rdma_size_hint
 from epkern.low_latency.handle import LowLatencyHandle
 from epkern.low_latency.kernels import (DISPATCH_KINDS, PARAMS, BufferLayout, LowLatencySpec, deployment_specs,
-                                        header_bytes, launch_dispatch)
+                                        header_bytes)
 
 
 def _compiles(spec: LowLatencySpec) -> None:
@@ -184,15 +184,3 @@ def test_variant_signatures_match_the_declared_parameters(spec):
     for p in params:
         template = kernels[f"{spec.symbol}_{p.entry}"]
         assert [n for n, _ in template] == list(p.names), f"{p.entry}: parameter names or order differ"
-
-
-def test_launchers_refuse_weights_the_spec_does_not_carry():
-    t = torch.zeros(4, 2, dtype=torch.int32)
-    layout = BufferLayout(8, 7168, 2, 16)
-    kwargs = dict(x=t, topk_idx=t, recv_x=t, recv_scales=t, recv_count=t, src_info=t, layout_range=t, token_rows=t,
-                  recv_tokens=t, cumulative_stats=None, wait_stats=None, rank=0, ptr_table=t, local_base=0, mask=t,
-                  timeout_ns=1, epoch_counter=t, send_ticket=t, with_hook=False)
-    with pytest.raises(ValueError, match="carries weights"):
-        launch_dispatch(LowLatencySpec("fp8", 7168, 2, 16, 2, carry_weights=True), layout, 0, 8, **kwargs)
-    with pytest.raises(ValueError, match="carries weights"):
-        launch_dispatch(LowLatencySpec("fp8", 7168, 2, 16, 2), layout, 0, 8, topk_weights=t, token_weights=t, **kwargs)

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from epkern import errors
 from epkern.codegen import knobs
 
-from ..events import EventOverlap
-from .handle import LowLatencyHandle, as_handle
-from .kernels import (BufferLayout, LowLatencySpec, dispatch_kind, launch_barrier, launch_combine, launch_dispatch,
-                      max_tokens_for_bytes, size_hint)
+from .handle import as_handle
+from .kernels import BufferLayout, dispatch_kind, launch_barrier, max_tokens_for_bytes, size_hint
+from .plans import CombinePlan, DispatchPlan, signature
 from ..peer_memory import PeerBuffer
 from ..validate import check_cuda, check_positive_int, check_range, check_tensor
 
@@ -91,6 +91,15 @@ def make_low_latency_buffer(group, num_bytes: int, timeout_s: float | None = Non
     return CollectiveLowLatency(group, num_bytes, timeout_s, num_sms=num_sms)
 
 
+_PLAN_LIMIT = 256  # signatures kept per direction (a new token count is a new signature)
+
+
+def _store(plans: dict, key, plan) -> None:
+    if len(plans) >= _PLAN_LIMIT:
+        plans.clear()
+    plans[key] = plan
+
+
 class LowLatencyChecks:
     """What both low-latency engines share (this module's NVLink LowLatencyBuffer and
     epkern.internode.low_latency's collective one): DeepEP's argument checks, made before anything
@@ -100,6 +109,7 @@ class LowLatencyChecks:
     num_ranks: int
     device: torch.device
     mask: torch.Tensor
+    device_checks_ids = False  # True: the kernels drop and count bad top-k ids (epkern.errors), no host check at level 1
 
     def _check_experts(self, num_experts: int) -> None:
         check_positive_int("num_experts", num_experts)
@@ -112,7 +122,8 @@ class LowLatencyChecks:
             raise ValueError(f"topk_idx: {topk_idx.shape[0]} rows, expected one per token ({num_tokens})")
         if topk_idx.shape[0] > max_tokens:
             raise ValueError(f"{topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={max_tokens}")
-        check_range("topk_idx", topk_idx, -1, num_experts)
+        if not self.device_checks_ids or errors.check_level() == 2:
+            check_range("topk_idx", topk_idx, -1, num_experts)
 
     def _check_stats(self, name: str, t, length: int, dtype) -> None:
         if t is not None:
@@ -125,6 +136,8 @@ class LowLatencyChecks:
         check_positive_int("num_max_dispatch_tokens_per_rank", M)
         self._check_experts(num_experts)
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=self.device)
+        if x.data_ptr() % 16:
+            raise ValueError("x: the data must start 16-byte aligned (the kernels read whole 16-byte words)")
         num_tokens, hidden = x.shape
         if use_fp8 and hidden % 128:
             raise ValueError(f"x: hidden={hidden} must be a multiple of 128 with use_fp8=True (128-channel scale groups)")
@@ -203,7 +216,10 @@ class LowLatencyChecks:
 
 
 class LowLatencyBuffer(LowLatencyChecks):
-    """The low-latency half of epkern.Buffer: DeepEP's low_latency_* methods over one peer buffer."""
+    """The low-latency half of epkern.Buffer: DeepEP's low_latency_* methods over one peer buffer.
+    Calls of a signature seen before skip the checks and launch from a plan (epkern.low_latency.plans)."""
+
+    device_checks_ids = True  # dispatch drops and counts bad top-k ids on the device (epkern.errors)
 
     def __init__(self, group, num_bytes: int, timeout_s: float | None = None, num_sms: int = DEFAULT_NUM_SMS):
         check_positive_int("num_bytes", num_bytes)
@@ -226,6 +242,16 @@ class LowLatencyBuffer(LowLatencyChecks):
         self.epochs = torch.zeros(4, dtype=torch.int32, device=self.device)
         self.barrier_epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.buffer_idx = 0
+        self._dispatch_plans: dict = {}   # call signature -> plans.DispatchPlan (its checks passed once)
+        self._combine_plans: dict = {}
+
+    @property
+    def ptr_table(self) -> torch.Tensor:
+        return self.peer.ptr_table
+
+    @property
+    def local_base(self) -> int:
+        return self.peer.local_ptr
 
     # -- helpers -------------------------------------------------------------------------------------
     def _layout(self, max_tokens: int, hidden: int, num_experts: int) -> BufferLayout:
@@ -269,47 +295,25 @@ class LowLatencyBuffer(LowLatencyChecks):
         the result is the same bit for bit. Every rank must pass them alike (as every other option).
         """
         M = num_max_dispatch_tokens_per_rank
-        self._check_dispatch_args(x, topk_idx, M, num_experts, cumulative_local_expert_recv_stats,
-                                  dispatch_wait_recv_cost_stats, use_fp8, async_finish, return_recv_hook, topk_weights)
-        hidden = x.shape[1]
-        carry = topk_weights is not None
-        L, R = num_experts // self.num_ranks, self.num_ranks
-        spec = LowLatencySpec(dispatch_kind(use_fp8, round_scale, use_ue8m0), hidden, R, num_experts, topk_idx.shape[1],
-                              carry_weights=carry)
-        layout = self._layout(M, hidden, num_experts)
-        idx = self._next_buffer()
-
-        # outputs (the scales are allocated [L, S, R*M] and transposed: column-major per expert)
-        dev = self.device
-        recv_x = torch.empty(L, R * M, hidden, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
-        recv_scales = None
-        if use_fp8:
-            if use_ue8m0:
-                recv_scales = torch.empty(L, -(-hidden // 512), R * M, dtype=torch.int32, device=dev).transpose(1, 2)
-            else:
-                recv_scales = torch.empty(L, hidden // 128, R * M, dtype=torch.float32, device=dev).transpose(1, 2)
-        recv_count = torch.empty(L, dtype=torch.int32, device=dev)
-        src_info = torch.empty(L, R * M, dtype=torch.int32, device=dev)
-        layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
-        token_rows = torch.empty(R, M, topk_idx.shape[1], dtype=torch.int32, device=dev)
-        token_weights = torch.empty(R, M, topk_idx.shape[1], dtype=torch.float32, device=dev) if carry else None
-        recv_tokens = torch.empty(R, dtype=torch.int32, device=dev)
-
-        hook = launch_dispatch(
-            spec, layout, idx, self.num_sms, x=x, topk_idx=topk_idx, rank=self.rank, ptr_table=self.peer.ptr_table,
-            local_base=self.peer.local_ptr, mask=self.mask, timeout_ns=self.timeout_ns,
-            epoch_counter=self.epochs[2 * idx:], send_ticket=self.tickets[2 * idx:], recv_x=recv_x,
-            recv_scales=recv_scales, recv_count=recv_count, src_info=src_info, layout_range=layout_range,
-            token_rows=token_rows, recv_tokens=recv_tokens, cumulative_stats=cumulative_local_expert_recv_stats,
-            wait_stats=dispatch_wait_recv_cost_stats, with_hook=return_recv_hook, topk_weights=topk_weights,
-            token_weights=token_weights)
-        handle = LowLatencyHandle(src_info, layout_range, M, hidden, num_experts, token_rows=token_rows,
-                                  recv_tokens=recv_tokens, token_weights=token_weights)
-        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, recv_x, recv_scales, recv_count, src_info,
-                                                   layout_range, token_rows, token_weights, recv_tokens)) \
-            if async_finish else EventOverlap()
-        packed = (recv_x, recv_scales) if use_fp8 else recv_x
-        return packed, recv_count, handle, event, hook
+        try:  # a signature seen before: its checks passed, only the pointers are new
+            key = (x.shape, x.stride(), x.dtype, x.get_device(), topk_idx.shape, topk_idx.stride(), topk_idx.dtype,
+                   topk_idx.get_device(), M, type(M), num_experts, type(num_experts),
+                   signature(cumulative_local_expert_recv_stats), signature(dispatch_wait_recv_cost_stats),
+                   signature(topk_weights), use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
+                   errors.check_level(), self.num_sms)
+            plan = self._dispatch_plans.get(key)
+        except (AttributeError, TypeError):  # not a tensor, an unhashable argument: the checks say what
+            key = plan = None
+        if plan is None or x.data_ptr() % 16:
+            self._check_dispatch_args(x, topk_idx, M, num_experts, cumulative_local_expert_recv_stats,
+                                      dispatch_wait_recv_cost_stats, use_fp8, async_finish, return_recv_hook,
+                                      topk_weights)
+            plan = DispatchPlan(self, x, topk_idx, M, num_experts, dispatch_kind(use_fp8, round_scale, use_ue8m0),
+                                topk_weights is not None, return_recv_hook, async_finish, errors.check_level())
+            if key is not None:
+                _store(self._dispatch_plans, key, plan)
+        errors.raise_pending()
+        return plan(self, x, topk_idx, topk_weights, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
 
     # -- combine -------------------------------------------------------------------------------------
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
@@ -340,27 +344,23 @@ class LowLatencyBuffer(LowLatencyChecks):
         the receiver then adds the partial rows in fp32 and rounds to bf16 as without it.
         epkern.low_latency.logfmt is the CPU reference.
         """
-        src_info, layout_range, M, hidden, num_experts, token_rows, recv_tokens, token_weights = \
+        try:  # a signature seen before: its checks passed, only the pointers are new
+            key = (None if zero_copy else signature(x), signature(topk_idx), signature(topk_weights), type(handle),
+                   handle[2:], signature(handle[0]), signature(handle.token_rows), handle.carries_weights, use_logfmt,
+                   zero_copy, async_finish, return_recv_hook, signature(out), signature(combine_wait_recv_cost_stats),
+                   errors.check_level(), self.num_sms)
+            plan = self._combine_plans.get(key)
+        except (AttributeError, TypeError, IndexError):
+            key = plan = None
+        if plan is None:
             self._check_combine_args(x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out,
                                      combine_wait_recv_cost_stats)
-        L, R = num_experts // self.num_ranks, self.num_ranks
-        num_tokens, num_topk = topk_idx.shape
-        spec = LowLatencySpec("combine_logfmt" if use_logfmt else "combine", hidden, R, num_experts, num_topk)
-        layout = self._layout(M, hidden, num_experts)
-        idx = self._next_buffer()
-        source = self._send_region(layout, idx, L, R * M, hidden) if zero_copy else x
-        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
-
-        hook = launch_combine(
-            spec, layout, idx, self.num_sms, x=source, token_rows=token_rows, recv_tokens=recv_tokens,
-            topk_weights=topk_weights, topk_idx=topk_idx, out=combined, rank=self.rank, ptr_table=self.peer.ptr_table,
-            local_base=self.peer.local_ptr, mask=self.mask, timeout_ns=self.timeout_ns,
-            epoch_counter=self.epochs[2 * idx + 1:], send_ticket=self.tickets[2 * idx + 1:],
-            wait_stats=combine_wait_recv_cost_stats, with_hook=return_recv_hook, carried_weights=token_weights)
-        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, token_rows, token_weights, recv_tokens,
-                                                   combined)) \
-            if async_finish else EventOverlap()
-        return combined, event, hook
+            plan = CombinePlan(self, topk_idx, handle, use_logfmt, zero_copy, return_recv_hook, async_finish,
+                               errors.check_level())
+            if key is not None:
+                _store(self._combine_plans, key, plan)
+        errors.raise_pending()
+        return plan(self, x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats)
 
     def _send_region(self, layout: BufferLayout, idx: int, L: int, rows: int, hidden: int) -> torch.Tensor:
         return self.peer.view(self.rank, layout.send(idx), (L, rows, hidden), torch.bfloat16)

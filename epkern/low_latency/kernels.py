@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from epkern.codegen import KernelParams, KernelSpec, check_choice, check_int, get_module
+from epkern.codegen.launch import current_stream_handle
 
 from . import logfmt
 
@@ -297,7 +298,7 @@ def deployment_specs(deployment) -> list[KernelSpec]:
 # Each entry point's parameters, in the order of its template's signature.
 DISPATCH_SEND_PARAMS = KernelParams(
     "send", "x topk_idx topk_weights num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 recv_off:i64 "
-    "mask epoch_counter send_ticket")
+    "mask epoch_counter send_ticket err err_any")
 DISPATCH_RECV_PARAMS = KernelParams(
     "recv", "recv_x recv_scales recv_count src_info layout_range token_rows token_weights recv_tokens "
     "cumulative_stats wait_stats "
@@ -306,7 +307,7 @@ DISPATCH_RECV_PARAMS = KernelParams(
 DISPATCH_SEND_RECV_PARAMS = KernelParams(
     "send_recv", "x topk_idx topk_weights num_tokens:i32 recv_x recv_scales recv_count src_info layout_range "
     "token_rows token_weights recv_tokens cumulative_stats wait_stats max_tokens:i32 rank:i32 ptr_table flags_off:i64 counts_off:i64 "
-    "recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket")
+    "recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket err err_any")
 COMBINE_SEND_PARAMS = KernelParams(
     "send", "x token_rows recv_tokens topk_weights carried_weights num_tokens:i32 max_tokens:i32 rank:i32 ptr_table flags_off:i64 "
     "weights_off:i64 recv_off:i64 mask timeout_ns:u64 epoch_counter send_ticket")
@@ -322,67 +323,113 @@ PARAMS = {"dispatch": (DISPATCH_SEND_PARAMS, DISPATCH_RECV_PARAMS, DISPATCH_SEND
           "barrier": (BARRIER_PARAMS,)}
 
 
-def launch_dispatch(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sms: int, *, x, topk_idx, rank,
-                    ptr_table, local_base, mask, timeout_ns, epoch_counter, send_ticket, recv_x, recv_scales,
-                    recv_count, src_info, layout_range, token_rows, recv_tokens, cumulative_stats, wait_stats,
-                    with_hook: bool, topk_weights=None, token_weights=None):
-    """Dispatch through buffer idx of layout: one send_recv launch of num_sms blocks and None, or
-    (with_hook) the send launch now and the receive launch returned as the hook. topk_weights and
-    token_weights: tensors with spec.carry_weights, else None."""
-    if spec.carry_weights != (topk_weights is not None) or spec.carry_weights != (token_weights is not None):
-        raise ValueError(f"{spec.name}: topk_weights and token_weights are given exactly when the spec carries weights")
-    module = get_module(spec, x.device.index)
-    num_tokens, max_tokens = x.shape[0], layout.max_tokens
-    offsets = dict(flags_off=layout.flags(idx), counts_off=layout.counts(idx), recv_off=layout.recv(idx))
-    outputs = dict(recv_x=recv_x, recv_scales=recv_scales, recv_count=recv_count, src_info=src_info,
-                   layout_range=layout_range, token_rows=token_rows, token_weights=token_weights,
-                   recv_tokens=recv_tokens, cumulative_stats=cumulative_stats, wait_stats=wait_stats)
-    if not with_hook:
-        module.launch("send_recv", num_sms, spec.threads, *DISPATCH_SEND_RECV_PARAMS.pack(
-            x=x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens=num_tokens, **outputs, max_tokens=max_tokens,
-            rank=rank,
-            ptr_table=ptr_table, **offsets, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter,
-            send_ticket=send_ticket), smem=max(spec.send_smem, spec.recv_smem))
-        return None
-    module.launch("send", max(1, min(num_tokens, num_sms)), spec.threads, *DISPATCH_SEND_PARAMS.pack(
-        x=x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank,
-        ptr_table=ptr_table, **offsets, mask=mask, epoch_counter=epoch_counter, send_ticket=send_ticket), smem=spec.send_smem)
-    recv_args = DISPATCH_RECV_PARAMS.pack(**outputs, max_tokens=max_tokens, rank=rank, local_base=local_base,
-                                          **offsets, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter)
+class DispatchLaunch:
+    """The launches of one low-latency dispatch signature, prepared once: one send_recv launch of
+    num_sms blocks, or (with_hook) the send launch (min(T, num_sms) blocks) and the receive launch
+    as the hook. Every value but the tensors of a call is fixed here, for both buffers: the buffer
+    `state` (rank, ptr_table, mask, timeout_ns, epochs and tickets [4] int32: per buffer [dispatch,
+    combine]) and the error site (err, err_any: pointers, 0 when not counted)."""
 
-    def hook():
-        module.launch("recv", num_sms, spec.threads, *recv_args, smem=spec.recv_smem)
-    return hook
+    __slots__ = ("with_hook", "_send", "_recv", "_send_args", "_recv_args")
+
+    def __init__(self, spec: LowLatencySpec, layout: BufferLayout, num_sms: int, num_tokens: int, with_hook: bool,
+                 device: int, state, err: int, err_any: int):
+        module = get_module(spec, device)
+        self.with_hook = with_hook
+        common = dict(max_tokens=layout.max_tokens, rank=state.rank, mask=state.mask)
+        send = dict(common, num_tokens=num_tokens, ptr_table=state.ptr_table, err=err, err_any=err_any)
+        recv = dict(common, timeout_ns=state.timeout_ns)
+
+        def offsets(idx):
+            return dict(flags_off=layout.flags(idx), counts_off=layout.counts(idx), recv_off=layout.recv(idx),
+                        epoch_counter=state.epochs.data_ptr() + 4 * 2 * idx)
+
+        def ticket(idx):
+            return dict(send_ticket=state.tickets.data_ptr() + 4 * 2 * idx)
+
+        if not with_hook:
+            P = DISPATCH_SEND_RECV_PARAMS
+            self._send = module.launcher("send_recv", num_sms, spec.threads, P.codes,
+                                         smem=max(spec.send_smem, spec.recv_smem))
+            self._send_args = [P.bind(_DISPATCH_INPUTS + " " + _DISPATCH_OUTPUTS, **{**send, **recv}, **offsets(i),
+                                      **ticket(i)) for i in (0, 1)]
+            return
+        self._send = module.launcher("send", max(1, min(num_tokens, num_sms)), spec.threads,
+                                     DISPATCH_SEND_PARAMS.codes, smem=spec.send_smem)
+        self._recv = module.launcher("recv", num_sms, spec.threads, DISPATCH_RECV_PARAMS.codes, smem=spec.recv_smem)
+        self._send_args = [DISPATCH_SEND_PARAMS.bind(_DISPATCH_INPUTS, **send, **offsets(i), **ticket(i))
+                           for i in (0, 1)]
+        local = dict(local_base=state.local_base)
+        self._recv_args = [DISPATCH_RECV_PARAMS.bind(_DISPATCH_OUTPUTS, **recv, **local, **offsets(i)) for i in (0, 1)]
+
+    def __call__(self, stream: int, idx: int, inputs: tuple, outputs: tuple):
+        """Launch through buffer idx; inputs / outputs: the pointers named by _DISPATCH_INPUTS /
+        _DISPATCH_OUTPUTS. Returns the receive hook (with_hook) or None."""
+        if not self.with_hook:
+            self._send(stream, *self._send_args[idx](*inputs, *outputs))
+            return None
+        self._send(stream, *self._send_args[idx](*inputs))
+        recv, values = self._recv, self._recv_args[idx](*outputs)
+
+        def hook():
+            recv(current_stream_handle(recv.device), *values)
+        return hook
 
 
-def launch_combine(spec: LowLatencySpec, layout: BufferLayout, idx: int, num_sms: int, *, x, token_rows,
-                   recv_tokens, topk_weights, topk_idx, out, rank, ptr_table, local_base, mask, timeout_ns,
-                   epoch_counter, send_ticket, wait_stats, with_hook: bool, carried_weights=None):
-    """Combine through buffer idx of layout: one send_recv launch of num_sms blocks and None, or
-    (with_hook) the send launch now and the receive launch returned as the hook. carried_weights:
-    the handle's token_weights (the send then exchanges and waits for no weights), or None."""
-    module = get_module(spec, out.device.index)
-    num_tokens, max_tokens = topk_idx.shape[0], layout.max_tokens
-    flags_off, recv_off = layout.flags(idx), layout.combine_recv(idx)
-    if not with_hook:
-        module.launch("send_recv", num_sms, spec.threads, *COMBINE_SEND_RECV_PARAMS.pack(
-            x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights,
-            carried_weights=carried_weights, topk_idx=topk_idx, out=out, num_tokens=num_tokens, max_tokens=max_tokens, rank=rank, ptr_table=ptr_table,
-            flags_off=flags_off, weights_off=layout.weights(idx), recv_off=recv_off, mask=mask, timeout_ns=timeout_ns,
-            epoch_counter=epoch_counter, send_ticket=send_ticket, wait_stats=wait_stats))
-        return None
-    module.launch("send", num_sms, spec.threads, *COMBINE_SEND_PARAMS.pack(
-        x=x, token_rows=token_rows, recv_tokens=recv_tokens, topk_weights=topk_weights,
-        carried_weights=carried_weights, num_tokens=num_tokens,
-        max_tokens=max_tokens, rank=rank, ptr_table=ptr_table, flags_off=flags_off, weights_off=layout.weights(idx),
-        recv_off=recv_off, mask=mask, timeout_ns=timeout_ns, epoch_counter=epoch_counter, send_ticket=send_ticket))
-    recv_args = COMBINE_RECV_PARAMS.pack(out=out, topk_idx=topk_idx, num_tokens=num_tokens, max_tokens=max_tokens,
-                                         local_base=local_base, flags_off=flags_off, recv_off=recv_off, mask=mask,
-                                         timeout_ns=timeout_ns, epoch_counter=epoch_counter, wait_stats=wait_stats)
+class CombineLaunch:
+    """The launches of one low-latency combine signature, prepared once: one send_recv launch, or
+    (with_hook) the send launch (num_sms blocks) and the receive launch (min(T, num_sms)) as the hook."""
 
-    def hook():
-        module.launch("recv", max(1, min(num_tokens, num_sms)), spec.threads, *recv_args)
-    return hook
+    __slots__ = ("with_hook", "_send", "_recv", "_send_args", "_recv_args")
+
+    def __init__(self, spec: LowLatencySpec, layout: BufferLayout, num_sms: int, num_tokens: int, with_hook: bool,
+                 device: int, state):
+        module = get_module(spec, device)
+        self.with_hook = with_hook
+        common = dict(num_tokens=num_tokens, max_tokens=layout.max_tokens, mask=state.mask,
+                      timeout_ns=state.timeout_ns)
+        send = dict(common, rank=state.rank, ptr_table=state.ptr_table)
+
+        def offsets(idx):
+            return dict(flags_off=layout.flags(idx), recv_off=layout.combine_recv(idx),
+                        epoch_counter=state.epochs.data_ptr() + 4 * (2 * idx + 1))
+
+        def send_only(idx):
+            return dict(weights_off=layout.weights(idx), send_ticket=state.tickets.data_ptr() + 4 * (2 * idx + 1))
+
+        if not with_hook:
+            P = COMBINE_SEND_RECV_PARAMS
+            self._send = module.launcher("send_recv", num_sms, spec.threads, P.codes)
+            self._send_args = [P.bind(_COMBINE_INPUTS + " " + _COMBINE_OUTPUTS, **send, **offsets(i), **send_only(i))
+                               for i in (0, 1)]
+            return
+        self._send = module.launcher("send", num_sms, spec.threads, COMBINE_SEND_PARAMS.codes)
+        self._recv = module.launcher("recv", max(1, min(num_tokens, num_sms)), spec.threads, COMBINE_RECV_PARAMS.codes)
+        self._send_args = [COMBINE_SEND_PARAMS.bind(_COMBINE_INPUTS, **send, **offsets(i), **send_only(i))
+                           for i in (0, 1)]
+        local = dict(local_base=state.local_base)
+        self._recv_args = [COMBINE_RECV_PARAMS.bind(_COMBINE_OUTPUTS, **common, **local, **offsets(i)) for i in (0, 1)]
+
+    def __call__(self, stream: int, idx: int, inputs: tuple, outputs: tuple):
+        """Launch through buffer idx; inputs / outputs: the pointers named by _COMBINE_INPUTS /
+        _COMBINE_OUTPUTS. Returns the receive hook (with_hook) or None."""
+        if not self.with_hook:
+            self._send(stream, *self._send_args[idx](*inputs, *outputs))
+            return None
+        self._send(stream, *self._send_args[idx](*inputs))
+        recv, values = self._recv, self._recv_args[idx](*outputs)
+
+        def hook():
+            recv(current_stream_handle(recv.device), *values)
+        return hook
+
+
+# the per-call pointers of each family, in the order DispatchLaunch / CombineLaunch take them
+_DISPATCH_INPUTS = "x topk_idx topk_weights"
+_DISPATCH_OUTPUTS = ("recv_x recv_scales recv_count src_info layout_range token_rows token_weights recv_tokens "
+                     "cumulative_stats wait_stats")
+_COMBINE_INPUTS = "x token_rows recv_tokens topk_weights carried_weights"
+_COMBINE_OUTPUTS = "out topk_idx wait_stats"
 
 
 def launch_barrier(num_ranks: int, *, ptr_table, rank, epoch, mask, timeout_ns) -> None:
