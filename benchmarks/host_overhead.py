@@ -10,7 +10,8 @@ Host time: the GPU is kept busy behind one long kernel (torch.cuda._sleep) while
 enqueued, so a call's host time is never a wait for the GPU; CPU timer over the calls, median of
 ROUNDS rounds. Device time: the same call captured CALLS_PER_GRAPH times in one CUDA graph, replay
 time / CALLS_PER_GRAPH. Baseline: a torch op doing one launch (fill_ of one element) measured the
-same way: the issue's goal is every API's host time within 2 us of it (at most 10 us).
+same way: the issue's goal is every API's host time within 2 us of it (at most 10 us). Beside it, a
+torch op that allocates its output too (neg of [128, 7168]): the floor of an API returning fresh tensors.
 """
 from __future__ import annotations
 
@@ -328,6 +329,11 @@ def main() -> None:
                  extra={"device": device_us(bench, lambda: empty.fill_(1.0))["median_us"]})
     torch_us = baseline["median_us"]
     print(f"torch fill_: {torch_us:.2f} us host per call")
+    # a torch op that also allocates its output (one torch.empty + one launch): what a fresh-output API costs
+    src = torch.empty(128, 7168, device="cuda", dtype=torch.bfloat16)
+    allocating = host_us(lambda: torch.neg(src))
+    bench.record("host torch neg [128, 7168] (one output allocated, one launch)", {"calls": CALLS}, allocating)
+    print(f"torch neg: {allocating['median_us']:.2f} us host per call")
     from epkern.bench.local import group_of_one
 
     def measure(calls: dict) -> None:
@@ -349,15 +355,20 @@ def main() -> None:
                   f"{device if device is None else round(device, 2)} us")
 
     measure(make_calls("cuda"))
+    reports = {}
     with group_of_one() as group:
-        measure(buffer_calls(group))
+        buffered = buffer_calls(group)
+        measure(buffered)
+        for name, (fn, _) in buffered.items():
+            reports[f"profile {name}"] = profile(fn, calls=500)
     for name, fn in pieces("cuda").items():
         r = host_us(fn)
         bench.record(f"host piece: {name}", {"calls": CALLS}, r)
         print(f"  piece {name:<56} {r['median_us']:6.2f} us")
     calls = make_calls("cuda")
-    reports = {f"profile {name}": profile(calls[name][0]) for name in
-               ("per_token_cast_to_fp8 128x7168", "get_dispatch_layout 128x8 E256 R8", "Planner.run 4096x8 cube EP8")}
+    reports.update({f"profile {name}": profile(calls[name][0]) for name in
+                    ("per_token_cast_to_fp8 128x7168", "get_dispatch_layout 128x8 E256 R8",
+                     "Planner.run 4096x8 cube EP8")})
     for name, text in reports.items():
         print(name)
         print(text)

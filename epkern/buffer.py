@@ -30,6 +30,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from epkern.codegen.launch import current_stream_handle
+
 from .events import EventHandle, EventOverlap, cuda_event
 from . import tuning
 from .layout import get_dispatch_layout as _layout
@@ -87,6 +89,9 @@ class NormalBackend(Protocol):
     with carries_any_row the backend takes every input check_x accepts as it is; otherwise it takes
     bf16 rows, or fp8 rows with fp32 [T, H/128] contiguous scales, and Buffer fits the input to
     those (epkern.normal.payload). `peer` is the backend's peer buffer, or None if it has none.
+    Optional, False when absent: `stream_calls = True` says cached dispatch and combine take stream=
+    (a raw handle to launch on) and do nothing but allocate outputs (on the current stream) and launch
+    kernels, so Buffer orders them itself (Buffer._launch).
     """
 
     name: str
@@ -163,6 +168,14 @@ class Buffer:
         # the NVLink kernels and NCCL collectives run on a stream of their own; gloo runs on the host
         on_stream = torch.cuda.is_available() and (self._backend.name == "nvlink" or self._group_on_cuda())
         self._comm_stream = torch.cuda.Stream() if on_stream else None
+        # cached dispatch and combine of a backend that only allocates and launches in them: Buffer._launch
+        self._stream_calls = getattr(self._backend, "stream_calls", False) and self._comm_stream is not None
+        if self._stream_calls:
+            from .streams import StreamOrder
+
+            self._device_index = torch.cuda.current_device()
+            self._comm_handle = self._comm_stream.cuda_stream
+            self._order = StreamOrder(self._device_index)
 
     def _group_on_cuda(self) -> bool:
         try:
@@ -302,7 +315,10 @@ class Buffer:
 
     # -- stream and event plumbing (DeepEP's) --------------------------------------------------------
     def _run(self, fn, inputs: tuple, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
-        """Run fn on the communication stream with DeepEP's ordering; returns (fn's result, event)."""
+        """Run fn on the communication stream with DeepEP's ordering; returns (fn's result, event).
+
+        fn() runs with the communication stream current: its allocations and torch ops are made there
+        (tensors used on the other stream are recorded on it)."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as in DeepEP)")
         if self._comm_stream is None:   # host-side collectives: done when fn returns
@@ -328,6 +344,38 @@ class Buffer:
             return result, EventOverlap.record(comm, extra_tensors=cuda_inputs + outputs)
         compute.wait_stream(comm)
         return result, EventOverlap(None)
+
+    def _launch(self, fn, inputs: tuple, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
+        """_run for calls that only allocate outputs and launch kernels (a backend with stream_calls):
+        DeepEP's order by raw stream handles (epkern.streams). fn(stream) launches on the raw
+        communication stream and allocates on the current stream (on the communication stream with
+        allocate_on_comm_stream), as DeepEP does; with async_finish every input and output is
+        recorded on the communication stream (and outputs made there on the current one)."""
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as in DeepEP)")
+        order, comm = self._order, self._comm_handle
+        compute = current_stream_handle(self._device_index)
+        if previous_event is not None:
+            order.wait_event(comm, cuda_event(previous_event.event))
+        else:
+            order.wait(comm, compute)
+        if not allocate_on_comm_stream:
+            result = fn(comm)
+        else:
+            with torch.cuda.stream(self._comm_stream):
+                result = fn(comm)
+        if not async_finish:
+            order.wait(compute, comm)
+            return result, EventOverlap(None)
+        outputs = tuple(t for t in _tensors(result) if t.is_cuda)
+        cuda_inputs = tuple(t for t in _tensors(inputs) if t.is_cuda)
+        current = torch.cuda.current_stream()
+        for t in cuda_inputs + outputs:
+            t.record_stream(self._comm_stream)
+        if allocate_on_comm_stream:
+            for t in outputs:
+                t.record_stream(current)
+        return result, EventOverlap.record(self._comm_stream, extra_tensors=cuda_inputs + outputs)
 
     # -- layout ---------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
@@ -367,6 +415,15 @@ class Buffer:
                                     topk_idx, topk_weights, expert_alignment, num_worst_tokens)
         inputs = tuple(t for t in (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                                    num_tokens_per_expert) if t is not None)
+        if handle is not None and self._stream_calls:
+            # cached: outputs and kernels only, ordered by raw handles (the input is fitted first, here)
+            sent = payload.for_nvlink(x_data, x_scales)
+            result, event = self._launch(
+                lambda stream: self._backend.dispatch(x=sent.x, x_scales=sent.scales, config=config, stream=stream,
+                                                      **args),
+                inputs + (sent.x, sent.scales), previous_event, async_finish, allocate_on_comm_stream)
+            recv_x, recv_scales = sent.restore(result[0], result[1])
+            return (recv_x, recv_scales) if x_scales is not None else recv_x, None, None, None, None, event
 
         def launch():
             if self._backend.carries_any_row:
@@ -443,6 +500,12 @@ class Buffer:
             check_tensor(f"bias[{i}]", b, dtype=torch.bfloat16, ndim=2, shape=(handle.num_tokens, x.shape[1]),
                          device=x.device)
         inputs = (x,) + ((topk_weights,) if topk_weights is not None else ()) + biases
+        if self._stream_calls:
+            (combined_x, combined_weights), event = self._launch(
+                lambda stream: self._backend.combine(x=x, handle=handle, topk_weights=topk_weights, bias=biases,
+                                                     config=config, stream=stream),
+                inputs, previous_event, async_finish, allocate_on_comm_stream)
+            return combined_x, combined_weights, event
         (combined_x, combined_weights), event = self._run(
             lambda: self._backend.combine(x=x, handle=handle, topk_weights=topk_weights, bias=biases, config=config),
             inputs, previous_event, async_finish, allocate_on_comm_stream)
@@ -492,6 +555,9 @@ class Buffer:
         if self._low_latency is not None:
             self._low_latency.destroy()
             self._low_latency = None
+        if self._stream_calls:
+            self._order.close()
+            self._stream_calls = False
         self._local_bytes = None
 
     # -- low-latency mode: delegated to epkern.low_latency.LowLatencyBuffer ----------------------------

@@ -12,6 +12,7 @@ KernelParams below, which tests/test_kernel_params.py checks against the templat
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from epkern.codegen import KernelParams, KernelSpec, check_choice, check_int, get_module
 
@@ -197,14 +198,17 @@ COMBINE_CHUNK_BYTES = 8192   # combine senders: 8 warps x 2 stages x 8 KB = 128 
 COMBINE_STAGES = 2   # 3 measured no faster (benchmarks/intranode_notes.md)
 
 
+@functools.lru_cache(maxsize=256)
 def notify_spec(num_ranks: int) -> IntranodeSpec:
     return IntranodeSpec("notify", num_ranks)
 
 
+@functools.lru_cache(maxsize=256)
 def dispatch_spec(num_ranks: int, hidden: int, num_topk: int, fp8: bool, num_sms: int) -> IntranodeSpec:
     return IntranodeSpec("dispatch", num_ranks, hidden, num_topk, "fp8" if fp8 else "bf16", num_sms, *DISPATCH_WARPS)
 
 
+@functools.lru_cache(maxsize=256)
 def combine_spec(num_ranks: int, hidden: int, num_topk: int, num_sms: int) -> IntranodeSpec:
     return IntranodeSpec("combine", num_ranks, hidden, num_topk, "bf16", num_sms, *COMBINE_WARPS)
 

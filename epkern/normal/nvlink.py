@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from epkern.codegen.launch import current_stream_handle
+
 from . import kernels as ik
 from . import rounds as rd
 from .handle import DispatchHandle
@@ -41,6 +43,7 @@ class BufferOverflowError(RuntimeError):
 class NvlinkBackend:
     name = "nvlink"
     carries_any_row = False   # bf16 rows, or fp8 rows + fp32 [T, H/128] scales (Buffer fits the rest)
+    stream_calls = True       # cached dispatch and combine: outputs and launches only, on stream= (Buffer._launch)
 
     def __init__(self, group, rank: int, num_ranks: int, num_nvl_bytes: int, timeout_s: float):
         if num_ranks > ik.MAX_RANKS:
@@ -117,9 +120,10 @@ class NvlinkBackend:
 
     # -- dispatch ----------------------------------------------------------------------------------
     def dispatch(self, *, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                 num_tokens_per_expert, expert_alignment: int, num_worst_tokens: int, handle, config):
+                 num_tokens_per_expert, expert_alignment: int, num_worst_tokens: int, handle, config, stream=None):
+        """stream: the raw handle to launch on (the current stream by default)."""
         R, rank, device = self.num_ranks, self.rank, x.device
-        stream = torch.cuda.current_stream(device)
+        stream = current_stream_handle(device.index) if stream is None else stream
         T, H = x.shape
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         fp8 = x_scales is not None
@@ -180,9 +184,9 @@ class NvlinkBackend:
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle
 
     # -- combine -----------------------------------------------------------------------------------
-    def combine(self, *, x, handle: DispatchHandle, topk_weights, bias, config):
+    def combine(self, *, x, handle: DispatchHandle, topk_weights, bias, config, stream=None):
         R, device = self.num_ranks, x.device
-        stream = torch.cuda.current_stream(device)
+        stream = current_stream_handle(device.index) if stream is None else stream
         T, H = handle.num_tokens, x.shape[1]
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         capacity = self.layout.slot_capacity(ik.combine_slot_bytes(H, num_topk))
