@@ -121,7 +121,7 @@ class KernelParams:
     (a tensor, or None for a null pointer); `:i32 :u32 :i64 :u64 :f32` a scalar of that C type;
     `:addr` a pointer given as an integer address (host-mapped or peer memory)."""
 
-    __slots__ = ("entry", "names", "types", "codes", "_get", "_casts")
+    __slots__ = ("entry", "names", "types", "codes", "_get", "_casts", "_pointers")
 
     def __init__(self, entry: str, params: str):
         items = [p.partition(":") for p in params.split()]
@@ -135,6 +135,21 @@ class KernelParams:
         self._get = getter if len(self.names) > 1 else (lambda values: (getter(values),))
         self._casts = tuple((i, _CASTS[kind]) for i, kind in enumerate(self.types) if kind != "ptr")
         self.codes = "".join(_TYPE_CODES[kind] for kind in self.types)  # a Launcher's argument codes
+        self._pointers = tuple(i for i, kind in enumerate(self.types) if kind in ("ptr", "addr"))
+
+    def values(self, **values) -> list:
+        """The arguments in the kernel's order as a Launcher with `codes` takes them: tensors as their
+        pointers, None as 0, scalars as given (the Launcher's packing refuses one that does not fit)."""
+        if len(values) != len(self.names):
+            raise self._mismatch(values)
+        try:
+            args = list(self._get(values))
+        except KeyError:
+            raise self._mismatch(values) from None
+        for i in self._pointers:
+            a = args[i]
+            args[i] = 0 if a is None else (a.data_ptr() if isinstance(a, _Tensor) else int(a))
+        return args
 
     def bind(self, dynamic: str, **static) -> "BoundParams":
         """The argument list with `static` values fixed now and the names in `dynamic` (space-separated,

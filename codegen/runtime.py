@@ -93,6 +93,12 @@ class LoadedModule:
         any __cuda_stream__ object. Arguments as codegen.launch.kernel_arg takes them; the launch goes
         through a prepared Launcher kept per (entry, grid, block, smem, cooperative, argument types)."""
         codes, values = launch_values(args)
+        self.launch_values(entry, grid, block, codes, values, smem=smem, cooperative=cooperative, stream=stream)
+
+    def launch_values(self, entry: str, grid, block, codes: str, values, smem: int = 0, cooperative: bool = False,
+                      stream=None):
+        """launch() with the arguments already as a Launcher takes them (codes and values, e.g.
+        KernelParams.codes and KernelParams.values(...)): no per-argument type dispatch."""
         grid = grid if type(grid) is int else tuple(grid)
         block = block if type(block) is int else tuple(block)
         key = (entry, grid, block, smem, cooperative, codes)

@@ -7,13 +7,14 @@ launcher runs against a recording module, so a renamed, added or reordered param
 fails on CPU instead of corrupting a launch on the GPU.
 """
 import re
+import struct
 
 import numpy as np
 import pytest
 import torch
 
 from epkern.codegen import KernelParams
-from epkern.codegen.launch import launch_values
+from epkern.codegen.launch import _SLOT_FORMATS, launch_values
 from epkern.low_latency import kernels as llk
 from epkern.normal import kernels as ik
 
@@ -89,6 +90,9 @@ class _Recorder:
     def launch(self, entry, grid, block, *args, smem=0, stream=None):
         self.calls.append((entry, args))
 
+    def launch_values(self, entry, grid, block, codes, values, smem=0, stream=None):
+        self.calls.append((entry, (codes, values)))
+
 
 @pytest.fixture
 def recorder(monkeypatch):
@@ -101,8 +105,15 @@ def recorder(monkeypatch):
 def _check(rec, params_by_entry):
     assert rec.calls
     for entry, args in rec.calls:
-        assert len(args) == len(params_by_entry[entry].names)
-        launch_values(args)   # no untyped Python scalar reaches the launch
+        p = params_by_entry[entry]
+        if isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str):  # launch_values(codes, values)
+            codes, values = args
+            assert codes == p.codes and len(values) == len(p.names)
+            # every value fits its slot as the Launcher packs it (pointers as ints, scalars of their C type)
+            struct.pack("<" + "".join(_SLOT_FORMATS[c] for c in codes), *values)
+        else:
+            assert len(args) == len(p.names)
+            launch_values(args)   # no untyped Python scalar reaches the launch
 
 
 def test_normal_launchers_pass_every_parameter(recorder):

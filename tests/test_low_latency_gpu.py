@@ -235,18 +235,18 @@ def _worker(rank, num_ranks):
     import epkern
 
     epkern.check_errors()  # nothing pending
-    x, topk_idx, weights = _inputs(rank, 5)
-    bad, dropped = topk_idx.clone(), topk_idx.clone()
+    x5, idx5, w5 = _inputs(rank, 5)
+    bad, dropped = idx5.clone(), idx5.clone()
     bad[5, 0], bad[6, 1] = E + 3, -5
     dropped[5, 0] = dropped[6, 1] = -1
-    all_topk = _gather_topk(dropped)
+    all_dropped = _gather_topk(dropped)
     stats = torch.zeros(E // num_ranks, dtype=torch.int32, device="cuda")
-    recv, count, handle, _, _ = buf.low_latency_dispatch(x, bad, M, E, cumulative_local_expert_recv_stats=stats,
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x5, bad, M, E, cumulative_local_expert_recv_stats=stats,
                                                          use_fp8=False)
     torch.cuda.synchronize()
-    _check_dispatch(buf, rank, num_ranks, recv, count, handle, stats, all_topk, FORMATS[0], [True] * num_ranks)
+    _check_dispatch(buf, rank, num_ranks, recv, count, handle, stats, all_dropped, FORMATS[0], [True] * num_ranks)
     with pytest.raises(epkern.DeviceCheckError, match=r"low_latency_dispatch: topk_idx .*: 2 bad"):
-        buf.low_latency_combine(recv, bad, weights, handle)
+        buf.low_latency_combine(recv, bad, w5, handle)
     epkern.check_errors()  # reported once
     dist.barrier()
 

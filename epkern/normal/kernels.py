@@ -236,8 +236,8 @@ def launch_notify(stream, num_ranks, is_token_in_rank, num_tokens_per_rank, num_
                   host_out_ptr, status_ptr):
     """seq_word: the buffer's device-side launch counter; call_id: what notify writes to host_out[0]."""
     spec = notify_spec(num_ranks)
-    get_module(spec, is_token_in_rank.device.index).launch(
-        "notify", 1, spec.threads, *NOTIFY_PARAMS.pack(
+    get_module(spec, is_token_in_rank.device.index).launch_values(
+        "notify", 1, spec.threads, NOTIFY_PARAMS.codes, NOTIFY_PARAMS.values(
             is_token_in_rank=is_token_in_rank, num_tokens_per_rank=num_tokens_per_rank,
             num_tokens_per_expert=num_tokens_per_expert, num_tokens=is_token_in_rank.shape[0],
             experts_per_rank=num_tokens_per_expert.numel() // num_ranks, expert_alignment=expert_alignment,
@@ -252,8 +252,8 @@ def launch_dispatch(stream, spec: IntranodeSpec, x, x_scales, topk_idx, topk_wei
                     timeout_ns, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, status_ptr,
                     round_index=0, num_rounds=1, window=1):
     """One round of a dispatch (epkern/normal/rounds.py; the defaults: the whole dispatch at once)."""
-    get_module(spec, x.device.index).launch(
-        "dispatch", spec.num_sms, spec.threads, *DISPATCH_PARAMS.pack(
+    get_module(spec, x.device.index).launch_values(
+        "dispatch", spec.num_sms, spec.threads, DISPATCH_PARAMS.codes, DISPATCH_PARAMS.values(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_head=send_head,
             rank_prefix_matrix=rank_prefix_matrix, num_tokens=x.shape[0], num_out_rows=num_out_rows,
             experts_per_rank=experts_per_rank, rank=rank, seq_word=seq_word, ptr_table=ptr_table,
@@ -269,8 +269,8 @@ def launch_combine(stream, spec: IntranodeSpec, x, topk_weights, recv_src_idx, r
                    rank, seq_word, ptr_table, layout: PeerLayout, slot_capacity, timeout_ns, bias0, bias1,
                    combined_x, combined_weights, status_ptr, round_index=0, num_rounds=1, window=1):
     """One round of a combine (epkern/normal/rounds.py; the defaults: the whole combine at once)."""
-    get_module(spec, x.device.index).launch(
-        "combine", spec.num_sms, spec.threads, *COMBINE_PARAMS.pack(
+    get_module(spec, x.device.index).launch_values(
+        "combine", spec.num_sms, spec.threads, COMBINE_PARAMS.codes, COMBINE_PARAMS.values(
             x=x, topk_weights=topk_weights, recv_src_idx=recv_src_idx, rank_prefix_matrix=rank_prefix_matrix,
             send_head=send_head, num_tokens=send_head.shape[0], rank=rank, seq_word=seq_word, ptr_table=ptr_table,
             flags_off=layout.flags_off, payload_off=layout.payload_off, slot_capacity=slot_capacity,
