@@ -25,6 +25,7 @@ the peer buffers up), else torch.
 """
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,6 +43,7 @@ from .normal.handle import check_handle
 from .normal.torch_backend import TorchBackend
 from .validate import check_positive_int, check_range, check_tensor
 
+_environ_get = os.environ.get
 topk_idx_t = torch.int64  # DeepEP's dtype of topk_idx (deep_ep.topk_idx_t)
 
 class Config:
@@ -153,6 +155,7 @@ class Buffer:
         self.timeout_s = knobs.peer_timeout_s() if timeout_s is None else knobs.check_timeout_s("timeout_s", timeout_s)
         self._local_bytes: torch.Tensor | None = None
         self._low_latency = None
+        self._configs: dict = {}
         # which ranks share a node decides both modes' engines (a collective: once, before either)
         topology = detect_topology(self.group) if self.group_size > 1 else NodeTopology(1, 1)
         if low_latency_mode:
@@ -260,6 +263,19 @@ class Buffer:
     def get_combine_config(num_ranks: int) -> Config:
         chunks = {2: (10, 256), 4: (9, 256), 8: (4, 256)}.get(num_ranks, (4, 256))
         return tuning.config_for("combine", num_ranks) or Config(Buffer.num_sms, *chunks, 6, 128)
+
+    def _default_config(self, kernel: str) -> Config:
+        """The config a call without one uses: get_*_config's, kept per Buffer.num_sms while no
+        EPKERN_TUNED_CONFIG is set (only read here; the public getters return a fresh Config each time)."""
+        tuned = _environ_get("EPKERN_TUNED_CONFIG")
+        key = (kernel, Buffer.num_sms)
+        config = None if tuned else self._configs.get(key)  # a tuned file: tuning's own cache follows its edits
+        if config is None:
+            getter = self.get_dispatch_config if kernel == "dispatch" else self.get_combine_config
+            config = getter(self.group_size)
+            if not tuned:
+                self._configs[key] = config
+        return config
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -409,7 +425,7 @@ class Buffer:
         num_recv_tokens_per_expert_list, handle, event); recv_x has x's form (a tuple with contiguous
         scales for a tuple). Cached mode (handle given) returns (recv_x, None, None, None, None, event)."""
         self._check_usable()
-        config = config or self.get_dispatch_config(self.group_size)
+        config = config or self._default_config("dispatch")
         x_data, x_scales = payload.check_x(x)
         args = self._check_dispatch(x_data, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                     topk_idx, topk_weights, expert_alignment, num_worst_tokens)
@@ -483,7 +499,7 @@ class Buffer:
 
         Returns (combined_x [T, H], combined_topk_weights [T, K] or None, event)."""
         self._check_usable()
-        config = config or self.get_combine_config(self.group_size)
+        config = config or self._default_config("combine")
         handle = self._check_handle(handle)
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(handle.num_recv_rows, None))
         if x.shape[1] % 8:
