@@ -266,6 +266,7 @@ def seed_run(planner, idx, counter, n_sms=132):
     buffers.stats_ptr = buffers.objective_ptr = 0
     buffers.run_zeros = buffers.ticket
     buffers.totals_ptr = buffers.sync_ptr = 0
+    buffers.spare_out = buffers.spare_solve = None
     plan.buffers[0] = buffers
     key = ("run", idx.shape, idx.stride(), idx.dtype, idx.get_device(), counter.shape, counter.dtype,
            counter.get_device(), None, type(None), level)

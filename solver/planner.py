@@ -384,11 +384,15 @@ class _RunBuffers:
         self.objective = torch.empty(plan.n_group, dtype=torch.float32, device=dev)
         self.status, self.iterations = self.stats[:, 0], self.stats[:, 1]
         self.stats_ptr, self.objective_ptr = self.stats.data_ptr(), self.objective.data_ptr()
+        # the next call's fresh outputs, allocated just after this call's launch (off the path to the GPU)
+        self.spare_out = None
+        self.spare_solve = None
 
 
 class _RunPlan:
     """The launches of Planner.run (count, solve, map) or of solve_probs alone for one call signature,
-    made after the checks passed once. It holds the planner's tables it was made with and is used only
+    made after the checks passed once. Every call returns fresh outputs; they are allocated during the
+    call before (on the same stream, after its launch), so an eager call's kernel starts sooner. It holds the planner's tables it was made with and is used only
     while they are still the planner's (update_redundancy_mapping makes new ones)."""
 
     def __init__(self, planner: Planner, idx: torch.Tensor | None, avail_counter, n_sms: int, level: int = 1):
@@ -430,7 +434,9 @@ class _RunPlan:
     def run(self, planner: Planner, idx: torch.Tensor, avail_counter: torch.Tensor) -> torch.Tensor:
         stream = _raw_stream(self.device.index)
         b = self.buffers.get(stream) or self._buffers(stream)
-        out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
+        out = b.spare_out
+        if out is None:
+            out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
         idx_ptr = idx.data_ptr()
         if self.fused_launch is not None:  # one cooperative kernel (solver/run_kernel.py)
             zeros = b.run_zeros
@@ -441,6 +447,7 @@ class _RunPlan:
                               avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr, self.n_group, self.log2var_ptr,
                               self.log2phy_ptr, out.data_ptr(), self.err, self.err_any)
             planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+            b.spare_out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
             return out
         if not b.ticket.trusted:
             b.ticket.get()
@@ -452,20 +459,24 @@ class _RunPlan:
         self.map_launch(stream, idx_ptr, self.numel, b.probs_ptr, self.log2var_ptr, self.log2phy_ptr, b.by_sm_ptr,
                         out.data_ptr())
         planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+        b.spare_out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
         return out
 
     def solve(self, planner: Planner, workload: torch.Tensor, avail_counter: torch.Tensor):
         stream = _raw_stream(self.device.index)
         b = self.buffers.get(stream) or self._buffers(stream)
-        dev = self.device
-        probs = torch.empty((self.n_group, self.group_size, self.dups), dtype=torch.float32, device=dev)
-        global_workload = torch.empty((self.n_group, self.group_size, self.n_local_logical), dtype=torch.float32,
-                                      device=dev)
+        probs, global_workload = b.spare_solve or self._solve_outputs()
         self.solve_launch(stream, workload.data_ptr(), self.n_logical, self.phy2log_ptr, self.n_fixed, self.r2o_ptr,
                           self.o2r_ptr, self.prev_ptr, probs.data_ptr(), global_workload.data_ptr(),
                           avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr)
         planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
+        b.spare_solve = self._solve_outputs()
         return probs, global_workload
+
+    def _solve_outputs(self):
+        dev = self.device
+        return (torch.empty((self.n_group, self.group_size, self.dups), dtype=torch.float32, device=dev),
+                torch.empty((self.n_group, self.group_size, self.n_local_logical), dtype=torch.float32, device=dev))
 
 
 def _fused_launcher(planner: Planner, device: int, n_sms: int):

@@ -83,6 +83,27 @@ def test_run_one_kernel_in_a_cuda_graph_with_new_inputs():
 
 
 @pytest.mark.gpu
+def test_eager_calls_return_fresh_outputs():
+    """run and solve_probs hand out outputs allocated during the call before: each call's are its own,
+    and later calls leave them as they were."""
+    planner, other = make_planner(cube_8p2e, 8), make_planner(cube_8p2e, 8)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    inputs = [skewed_idx(4096, 8, seed=s) for s in range(4)]
+    outs = [planner.run(idx, counter) for idx in inputs]
+    solves = [planner.solve_probs(planner.count_workload(idx, 132)[0], counter) for idx in inputs]
+    want = [other.run(idx, counter).clone() for idx in inputs]
+    want_solves = [tuple(t.clone() for t in other.solve_probs(other.count_workload(idx, 132)[0], counter))
+                   for idx in inputs]
+    torch.cuda.synchronize()
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+    assert len({p.data_ptr() for p, _ in solves}) == len(solves)
+    for got, ref in zip(outs, want):
+        assert torch.equal(got, ref)
+    for (p, w), (rp, rw) in zip(solves, want_solves):
+        assert torch.equal(p, rp) and torch.equal(w, rw)
+
+
+@pytest.mark.gpu
 def test_count_reports_bad_ids_and_writes_nothing_out_of_bounds():
     epkern.check_errors()  # nothing pending from earlier tests
     planner = make_planner(cube_8p2e, 8)
