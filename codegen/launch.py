@@ -2,9 +2,9 @@
 
 An eager call pays for everything here on every launch, so each piece is built once and reused:
   * the current stream is read as a raw handle (no torch Stream object per call);
-  * each raw handle maps to one cached CUstream;
+  * each raw handle maps to one cached pointer argument (codegen.driver_calls);
   * a Launcher holds one kernel's grid, block, shared memory and packed argument buffer, so a call
-    writes the values and calls cuLaunchKernel (cuda.bindings); tensors pass as their pointers.
+    writes the values and calls the driver's cuLaunchKernel (through ctypes); tensors pass as their pointers.
 Nothing here syncs or allocates device memory, so it is the same under capture.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import operator
 import numpy as np
 import torch
 
-_STREAM_CACHE_LIMIT = 4096  # distinct raw handles kept; cleared past it (a user making streams in a loop)
+from . import driver_calls
+
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -193,23 +194,12 @@ class KernelParams:
 # cuda.core's launch re-reads the config and converts every argument on each call (~4 us on an H200
 # host). A Launcher does that work once: it holds the kernel's CUfunction, the grid, block and shared
 # memory, and an argument buffer whose void* array the driver reads; a call writes the values that
-# change (pointers, sizes) into the buffer with one struct.pack_into and calls cuLaunchKernel through
-# cuda.bindings with a cached CUstream. Argument codes, one per kernel parameter, each in an 8-byte slot:
+# change (pointers, sizes) into the buffer with one struct.pack_into and calls cuLaunchKernel
+# (codegen.driver_calls: the driver's entry point through ctypes, the stream as a cached pointer).
+# Argument codes, one per kernel parameter, each in an 8-byte slot:
 #   'p' a pointer (an int: tensor.data_ptr(), 0 for NULL), 'q' int64, 'i' int32, 'I' uint32, 'f' float32.
 _SLOT_FORMATS = {"p": "Q", "q": "q", "i": "i4x", "I": "I4x", "f": "f4x"}
-_custreams: dict = {}
 _driver_launch = None  # test hook: set_launch_hook replaces the driver call with a Python callable
-
-
-def _cu_stream(handle: int):
-    stream = _custreams.get(handle)
-    if stream is None:
-        from cuda.bindings import driver
-
-        if len(_custreams) >= _STREAM_CACHE_LIMIT:
-            _custreams.clear()
-        stream = _custreams[handle] = driver.CUstream(handle)
-    return stream
 
 
 def set_launch_hook(hook):
@@ -229,7 +219,7 @@ class Launcher:
     Launcher works the same during CUDA-graph capture."""
 
     __slots__ = ("name", "codes", "grid", "block", "smem", "cooperative", "device", "_fn", "_buf", "_params",
-                 "_params_addr", "_pack", "_lock", "_dims")
+                 "_params_arg", "_pack", "_lock", "_head", "_driver")
 
     def __init__(self, kernel_handle, name: str, grid, block, codes: str, smem: int = 0,
                  cooperative: bool = False, device: int = 0):
@@ -244,20 +234,22 @@ class Launcher:
         block = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
         self.name, self.codes, self.grid, self.block = name, codes, grid, block
         self.smem, self.cooperative, self.device = smem, cooperative, device
-        self._dims = grid + block
         self._pack = struct.Struct("<" + "".join(_SLOT_FORMATS[c] for c in codes)).pack_into
         n = max(1, len(codes))
         self._buf = ctypes.create_string_buffer(8 * n)
         base = ctypes.addressof(self._buf)
         self._params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-        self._params_addr = ctypes.addressof(self._params) if codes else 0
+        self._params_arg = driver_calls.pointer(ctypes.addressof(self._params) if codes else 0)
         self._lock = threading.Lock()
-        self._fn = None
+        self._fn = self._driver = None
+        self._head = (None,) + grid + block + (smem,)   # the driver call's arguments before the stream
         if kernel_handle is not None:
             from cuda.bindings import driver
 
             self._fn = as_function(kernel_handle)
             _check_param_sizes(driver, self._fn, name, codes)
+            self._head = (driver_calls.pointer(int(self._fn)),) + self._head[1:]
+            self._driver = driver_calls.entry("cuLaunchCooperativeKernel" if cooperative else "cuLaunchKernel")
 
     def __call__(self, stream: int, *values) -> None:
         with self._lock:
@@ -268,34 +260,29 @@ class Launcher:
                                   f"{exc}") from None
             if _driver_launch is not None:
                 return _driver_launch(self, stream, values)
-            g0, g1, g2, b0, b1, b2 = self._dims
-            if self.cooperative:
-                (err,) = _cu_launch_cooperative(self._fn, g0, g1, g2, b0, b1, b2, self.smem, _cu_stream(stream),
-                                                self._params_addr)
-            else:
-                (err,) = _cu_launch(self._fn, g0, g1, g2, b0, b1, b2, self.smem, _cu_stream(stream),
-                                    self._params_addr, 0)
-        if err is not _SUCCESS:
+            err = self._enqueue(stream)
+        if err:
             self._failed(err, stream, values)
 
-    def _failed(self, err, stream: int, values: tuple) -> None:
-        from cuda.bindings import driver
+    def _enqueue(self, stream: int) -> int:
+        """cuLaunchKernel (extra = NULL) or cuLaunchCooperativeKernel with the packed buffer; the CUresult."""
+        fn, g0, g1, g2, b0, b1, b2, smem = self._head
+        if self.cooperative:
+            return self._driver(fn, g0, g1, g2, b0, b1, b2, smem, driver_calls.stream_arg(stream), self._params_arg)
+        return self._driver(fn, g0, g1, g2, b0, b1, b2, smem, driver_calls.stream_arg(stream), self._params_arg, None)
 
-        if err == driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:  # a thread that never used this device: once
+    def _failed(self, err: int, stream: int, values: tuple) -> None:
+        if err == driver_calls.ERROR_INVALID_CONTEXT:  # a thread that never used this device: once
             from .runtime import ensure_context
 
             ensure_context(self.device)
             with self._lock:
                 self._pack(self._buf, 0, *values)
-                g0, g1, g2, b0, b1, b2 = self._dims
-                launch = _cu_launch_cooperative if self.cooperative else _cu_launch
-                extra = () if self.cooperative else (0,)
-                (err,) = launch(self._fn, g0, g1, g2, b0, b1, b2, self.smem, _cu_stream(stream),
-                                self._params_addr, *extra)
-            if err is _SUCCESS:
+                err = self._enqueue(stream)
+            if not err:
                 return
         raise LaunchError(f"launching {self.name} (grid={self.grid}, block={self.block}, smem={self.smem}, "
-                          f"cooperative={self.cooperative}) failed: {err}")
+                          f"cooperative={self.cooperative}) failed: {driver_calls.error_name(err)}")
 
     def values(self) -> tuple:
         """The argument values of the last call (for tests)."""
@@ -346,11 +333,3 @@ def _check_param_sizes(driver, handle, name: str, codes: str) -> None:
                           f"give {want}")
 
 
-try:
-    from cuda.bindings.driver import CUresult as _CUresult
-    from cuda.bindings.driver import cuLaunchCooperativeKernel as _cu_launch_cooperative
-    from cuda.bindings.driver import cuLaunchKernel as _cu_launch
-
-    _SUCCESS = _CUresult.CUDA_SUCCESS
-except Exception:  # pragma: no cover - cuda.bindings missing: every launch goes through the test hook
-    _SUCCESS = _cu_launch = _cu_launch_cooperative = None

@@ -3,15 +3,15 @@
 torch's `a.wait_stream(b)` makes a new Event and goes through several Python layers (about 10 us
 of host time on an H200 host, `with torch.cuda.stream(s)` about 20 us); a Buffer call orders its
 communication stream after the current one and back, so it pays that twice per call. StreamOrder
-keeps one CUevent (timing off) and calls cuEventRecord + cuStreamWaitEvent (cuda.bindings) on raw
-stream handles. Reusing the event is safe: a wait takes the event's state when it is enqueued.
+keeps one CUevent (timing off) and calls cuEventRecord + cuStreamWaitEvent (codegen.driver_calls) on
+raw stream handles. Reusing the event is safe: a wait takes the event's state when it is enqueued.
 Works the same under CUDA-graph capture (record and wait become the graph's dependency edges).
 """
 from __future__ import annotations
 
 import threading
 
-from epkern.codegen.launch import _cu_stream
+from epkern.codegen import driver_calls
 
 
 class StreamOrder:
@@ -25,32 +25,32 @@ class StreamOrder:
 
         ensure_context(device)
         err, self._event = driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)
-        _check(err, "cuEventCreate")
-        self._record, self._wait, self._cu_event = driver.cuEventRecord, driver.cuStreamWaitEvent, driver.CUevent
+        _check(int(err), "cuEventCreate")
+        self._event_arg = driver_calls.pointer(int(self._event))
+        self._record, self._wait = driver_calls.entry("cuEventRecord"), driver_calls.entry("cuStreamWaitEvent")
         self._lock = threading.Lock()
 
     def wait(self, waiter: int, signaler: int) -> None:
+        stream = driver_calls.stream_arg
         with self._lock:
-            (err,) = self._record(self._event, _cu_stream(signaler))
-            _check(err, "cuEventRecord")
-            (err,) = self._wait(_cu_stream(waiter), self._event, 0)
+            _check(self._record(self._event_arg, stream(signaler)), "cuEventRecord")
+            err = self._wait(stream(waiter), self._event_arg, 0)
         _check(err, "cuStreamWaitEvent")
 
     def wait_event(self, waiter: int, event) -> None:
         handle = event.cuda_event
         if not handle:  # never recorded: nothing to wait for (as torch's wait_event)
             return
-        (err,) = self._wait(_cu_stream(waiter), self._cu_event(handle), 0)
-        _check(err, "cuStreamWaitEvent")
+        _check(self._wait(driver_calls.stream_arg(waiter), driver_calls.pointer(handle), 0), "cuStreamWaitEvent")
 
     def close(self) -> None:
         from cuda.bindings import driver
 
         if self._event is not None:
             driver.cuEventDestroy(self._event)
-            self._event = None
+            self._event = self._event_arg = None
 
 
-def _check(err, what: str) -> None:
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: {err}")
+def _check(err: int, what: str) -> None:
+    if err:
+        raise RuntimeError(f"{what} failed: {driver_calls.error_name(err)}")

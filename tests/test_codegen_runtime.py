@@ -25,7 +25,7 @@ def _module(monkeypatch, calls, fail=None):
     that error, so the Launcher's own error path raises."""
     module = LoadedModule(fp8._spec(7168, 128, "bf16", "fp32", "row"), "sm_90a", 0, _FakeCode())
     if fail:
-        monkeypatch.setattr(launch, "_cu_launch", lambda *args: (fail,))
+        monkeypatch.setattr(launch.Launcher, "_enqueue", lambda self, stream: fail)
         monkeypatch.setattr(launch, "_driver_launch", None)
     else:
         monkeypatch.setattr(launch, "_driver_launch", lambda launcher, stream, values: calls.append(
@@ -83,7 +83,7 @@ def test_explicit_stream_is_used(monkeypatch):
 
 
 def test_launch_error_names_the_kernel(monkeypatch):
-    module = _module(monkeypatch, [], fail="CUDA_ERROR_INVALID_VALUE")
+    module = _module(monkeypatch, [], fail=1)
     with pytest.raises(LaunchError, match=rf"{module.spec.symbol}_cast \(grid=\(7, 1, 1\), block=\(256, 1, 1\), "
                                           rf"smem=0.*INVALID"):
         module.launch("cast", 7, 256, np.int32(1))
