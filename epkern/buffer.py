@@ -37,7 +37,7 @@ from .events import EventHandle, EventOverlap, cuda_event
 from . import tuning
 from .layout import get_dispatch_layout as _layout
 from .normal import kernels as ik
-from .normal import payload
+from .normal import payload, plans
 from .internode import HierarchicalTorchBackend, NodeTopology, detect_topology
 from .normal.handle import check_handle
 from .normal.torch_backend import TorchBackend
@@ -114,6 +114,23 @@ class NotInEpkern(NotImplementedError, AttributeError):
     """A DeepEP attribute epkern does not provide (an AttributeError too, so getattr(obj, name, None) works)."""
 
 
+def _payload_key(x):
+    """A dispatch payload's signature (plans.tensor_key of x, or of both halves of an (x, scales) tuple)."""
+    if type(x) is tuple:
+        return (plans.tensor_key(x[0]), plans.tensor_key(x[1])) if len(x) == 2 else None
+    return plans.tensor_key(x)
+
+
+def _biases(bias) -> tuple:
+    return () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
+
+
+def _bias_key(bias):
+    if bias is None or not isinstance(bias, tuple):
+        return plans.tensor_key(bias)
+    return tuple(plans.tensor_key(b) for b in bias)
+
+
 def _single_node(what: str) -> RuntimeError:
     return RuntimeError(f"Buffer.{what}: this group is on one node; call Buffer.{what.replace('internode_', '')} "
                         "(DeepEP's dispatch/combine route to the internode path only when the group spans nodes)")
@@ -156,6 +173,8 @@ class Buffer:
         self._local_bytes: torch.Tensor | None = None
         self._low_latency = None
         self._configs: dict = {}
+        self._dispatch_plans: dict = {}   # cached dispatch and combine per signature (epkern/normal/plans.py)
+        self._combine_plans: dict = {}
         # which ranks share a node decides both modes' engines (a collective: once, before either)
         topology = detect_topology(self.group) if self.group_size > 1 else NodeTopology(1, 1)
         if low_latency_mode:
@@ -426,9 +445,29 @@ class Buffer:
         scales for a tuple). Cached mode (handle given) returns (recv_x, None, None, None, None, event)."""
         self._check_usable()
         config = config or self._default_config("dispatch")
-        x_data, x_scales = payload.check_x(x)
-        args = self._check_dispatch(x_data, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                                    topk_idx, topk_weights, expert_alignment, num_worst_tokens)
+        key = plan = None
+        if handle is not None and self._stream_calls:
+            try:  # a cached dispatch of a signature seen before: its checks passed, only the pointers are new
+                key = (_payload_key(x), plans.handle_key(handle), config.num_sms, expert_alignment,
+                       type(expert_alignment), num_worst_tokens, type(num_worst_tokens),
+                       topk_idx is None and topk_weights is None)
+                plan = self._dispatch_plans.get(key)
+            except (AttributeError, TypeError):  # not tensors, unhashable: the checks below say what
+                key = None
+        if plan is None:
+            x_data, x_scales = payload.check_x(x)
+            args = self._check_dispatch(x_data, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                                        topk_idx, topk_weights, expert_alignment, num_worst_tokens)
+            if key is not None and None not in key[:2] and plans.CachedDispatchPlan.takes(x_data, x_scales):
+                plan = plans.CachedDispatchPlan(self._backend, x_data, x_scales, args["handle"], config.num_sms)
+                plans.store(self._dispatch_plans, key, plan)
+        if plan is not None:
+            x_data, x_scales = x if type(x) is tuple else (x, None)
+            (recv_x, recv_scales), event = self._launch(
+                lambda stream: plan(stream, x_data, x_scales, handle),
+                (x_data,) if x_scales is None else (x_data, x_scales), previous_event, async_finish,
+                allocate_on_comm_stream)
+            return (recv_x, recv_scales) if x_scales is not None else recv_x, None, None, None, None, event
         inputs = tuple(t for t in (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                                    num_tokens_per_expert) if t is not None)
         if handle is not None and self._stream_calls:
@@ -500,6 +539,17 @@ class Buffer:
         Returns (combined_x [T, H], combined_topk_weights [T, K] or None, event)."""
         self._check_usable()
         config = config or self._default_config("combine")
+        key = plan = None
+        if self._stream_calls:
+            try:  # a signature seen before: its checks passed, only the pointers are new
+                key = (plans.tensor_key(x), plans.handle_key(handle), plans.tensor_key(topk_weights),
+                       _bias_key(bias), config.num_sms)
+                plan = self._combine_plans.get(key)
+            except (AttributeError, TypeError):  # not tensors, unhashable: the checks below say what
+                key = None
+        if plan is not None:
+            return self._run_combine_plan(plan, x, handle, topk_weights, _biases(bias), previous_event,
+                                          async_finish, allocate_on_comm_stream)
         handle = self._check_handle(handle)
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(handle.num_recv_rows, None))
         if x.shape[1] % 8:
@@ -509,12 +559,17 @@ class Buffer:
                          device=x.device)
             if not 1 <= topk_weights.shape[1] <= ik.MAX_TOPK:
                 raise ValueError(f"topk_weights: {topk_weights.shape[1]} columns, expected 1..{ik.MAX_TOPK}")
-        biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
+        biases = _biases(bias)
         if len(biases) > 2:
             raise ValueError("bias: at most two tensors")
         for i, b in enumerate(biases):
             check_tensor(f"bias[{i}]", b, dtype=torch.bfloat16, ndim=2, shape=(handle.num_tokens, x.shape[1]),
                          device=x.device)
+        if key is not None and key[1] is not None and handle.max_tokens is not None:
+            plan = plans.CombinePlan(self._backend, x, handle, topk_weights, biases, config.num_sms)
+            plans.store(self._combine_plans, key, plan)
+            return self._run_combine_plan(plan, x, handle, topk_weights, biases, previous_event, async_finish,
+                                          allocate_on_comm_stream)
         inputs = (x,) + ((topk_weights,) if topk_weights is not None else ()) + biases
         if self._stream_calls:
             (combined_x, combined_weights), event = self._launch(
@@ -525,6 +580,14 @@ class Buffer:
         (combined_x, combined_weights), event = self._run(
             lambda: self._backend.combine(x=x, handle=handle, topk_weights=topk_weights, bias=biases, config=config),
             inputs, previous_event, async_finish, allocate_on_comm_stream)
+        return combined_x, combined_weights, event
+
+    def _run_combine_plan(self, plan, x, handle, topk_weights, biases: tuple, previous_event, async_finish: bool,
+                          allocate_on_comm_stream: bool):
+        inputs = (x,) + ((topk_weights,) if topk_weights is not None else ()) + biases
+        (combined_x, combined_weights), event = self._launch(
+            lambda stream: plan(stream, x, handle, topk_weights, biases), inputs, previous_event, async_finish,
+            allocate_on_comm_stream)
         return combined_x, combined_weights, event
 
     # -- internode: DeepEP's names for the path dispatch/combine take when the group spans nodes ------
