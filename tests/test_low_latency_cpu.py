@@ -220,3 +220,72 @@ def test_mask_arguments_are_checked(cpu_buffer):
     assert cpu_buffer.mask.tolist() == [0, 1]
     cpu_buffer.low_latency_clean_mask_buffer()
     assert cpu_buffer.mask.tolist() == [0, 0]
+
+
+# -- output sets: two per output signature, in turn (DeepEP: at most two results held) -----------------
+class _Launcher:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def launcher(self, entry, grid, block, codes, smem=0, cooperative=False):
+        def launch(stream, *values):
+            self.calls.append(entry)
+        return launch
+
+
+@pytest.fixture
+def planned_buffer(cpu_buffer, monkeypatch):
+    from epkern import errors
+    from epkern.low_latency import kernels as llk
+    from epkern.low_latency import plans
+
+    calls = []
+    monkeypatch.setattr(llk, "get_module", lambda spec, device=None: _Launcher(calls))
+    monkeypatch.setattr(plans, "current_stream_handle", lambda device: 0)
+    monkeypatch.setattr(errors, "site", lambda device, name: (0x1000, 0x2000))
+    buf = cpu_buffer
+    buf._dispatch_plans, buf._combine_plans, buf._rings = {}, {}, {}
+    buf.timeout_ns = 10
+    buf.peer = type("Peer", (), {"ptr_table": torch.zeros(2, dtype=torch.int64), "local_ptr": 1 << 40})()
+    buf.epochs, buf.tickets = torch.zeros(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
+    buf.calls = calls
+    return buf
+
+
+def test_outputs_alternate_between_two_sets_per_output_signature(planned_buffer):
+    buf = planned_buffer
+    x, idx = _inputs()
+    first, second, third = (buf.low_latency_dispatch(x, idx, 16, 8) for _ in range(3))
+    assert buf.calls == ["send_recv"] * 3
+    # recv_x, recv_count and the handle of the third call are the first call's; the second's are its own
+    assert first[0][0] is third[0][0] and first[1] is third[1] and first[2] is third[2]
+    assert second[0][0].data_ptr() != first[0][0].data_ptr() and second[2] is not first[2]
+    assert first[0][1].stride() == (2 * 32, 1, 32)   # the scales keep DeepEP's column-major layout
+    # another token count returns the same [L, R*M, H] outputs: it takes the next set of the same pair
+    x3, idx3 = _inputs(tokens=3)
+    assert buf.low_latency_dispatch(x3, idx3, 16, 8)[2] is second[2]
+    # another output signature (bf16 rows) has sets of its own
+    bf16 = buf.low_latency_dispatch(x, idx, 16, 8, use_fp8=False)
+    assert bf16[0].dtype == torch.bfloat16 and bf16[2] is not first[2] and bf16[2] is not second[2]
+
+    handle = first[2]
+    y = torch.zeros(4, 32, 256, dtype=torch.bfloat16)
+    w = torch.ones(4, 2)
+    c1, c2, c3 = (buf.low_latency_combine(y, idx, w, handle)[0] for _ in range(3))
+    assert c1 is c3 and c2 is not c1 and c1.shape == (4, 256)
+    out = torch.empty(4, 256, dtype=torch.bfloat16)
+    assert buf.low_latency_combine(y, idx, w, handle, out=out)[0] is out
+
+
+def test_a_buffer_keeps_the_sets_of_its_last_signatures(planned_buffer, monkeypatch):
+    from epkern.low_latency import buffer as llb
+
+    monkeypatch.setattr(llb, "_RING_LIMIT", 2)
+    buf = planned_buffer
+    x, idx = _inputs()
+    kept = buf.low_latency_dispatch(x, idx, 16, 8)
+    buf.low_latency_dispatch(x, idx, 16, 8, use_fp8=False)
+    buf.low_latency_dispatch(x, idx, 8, 8)          # a third output signature: the first one's sets go
+    assert len(buf._rings) == 2
+    again = buf.low_latency_dispatch(x, idx, 16, 8)
+    assert again[2] is not kept[2] and kept[0][0].shape == again[0][0].shape   # the result held stays the caller's

@@ -44,7 +44,7 @@ from epkern.codegen import knobs
 
 from .handle import as_handle
 from .kernels import BufferLayout, dispatch_kind, launch_barrier, max_tokens_for_bytes, size_hint
-from .plans import CombinePlan, DispatchPlan, signature
+from .plans import CombinePlan, DispatchPlan, OutputRing, signature
 from ..peer_memory import PeerBuffer
 from ..validate import check_cuda, check_positive_int, check_range, check_tensor
 
@@ -92,6 +92,7 @@ def make_low_latency_buffer(group, num_bytes: int, timeout_s: float | None = Non
 
 
 _PLAN_LIMIT = 256  # signatures kept per direction (a new token count is a new signature)
+_RING_LIMIT = 16   # output signatures whose two output sets a buffer keeps (plans.OutputRing)
 
 
 def _store(plans: dict, key, plan) -> None:
@@ -244,6 +245,7 @@ class LowLatencyBuffer(LowLatencyChecks):
         self.buffer_idx = 0
         self._dispatch_plans: dict = {}   # call signature -> plans.DispatchPlan (its checks passed once)
         self._combine_plans: dict = {}
+        self._rings: dict = {}            # output signature -> plans.OutputRing (DeepEP's two live results)
 
     @property
     def ptr_table(self) -> torch.Tensor:
@@ -263,6 +265,16 @@ class LowLatencyBuffer(LowLatencyChecks):
                 f"get_low_latency_rdma_size_hint(...) bytes, or use M <= "
                 f"{max_tokens_for_bytes(self.num_bytes, hidden, self.num_ranks, num_experts)}")
         return layout
+
+    def _output_ring(self, key) -> OutputRing:
+        """The output sets of one output signature, shared by every plan that returns them; the oldest
+        signature's sets are dropped past _RING_LIMIT (results still held stay valid: they are the caller's)."""
+        ring = self._rings.get(key)
+        if ring is None:
+            if len(self._rings) >= _RING_LIMIT:
+                del self._rings[next(iter(self._rings))]
+            ring = self._rings[key] = OutputRing()
+        return ring
 
     def _next_buffer(self) -> int:
         idx = self.buffer_idx
@@ -286,7 +298,9 @@ class LowLatencyBuffer(LowLatencyChecks):
         tuple, carrying token_rows [R, M, K] int32 (where each received token's copies went),
         recv_tokens [R] int32 and token_weights as attributes (for combine).
         dispatch_wait_recv_cost_stats ([R] int64) accumulates the nanoseconds spent waiting for each
-        source rank.
+        source rank. As DeepEP documents, hold at most two results of these calls at once: the outputs
+        and the handle come from two sets per output shape, used in turn (epkern/low_latency/plans.py),
+        so the third dispatch of a shape writes into the first one's tensors.
 
         topk_weights (an epkern extension, after DeepEP's parameters): fp32 [T, K], the weights the
         combine of this handle will apply. They travel with the tokens (K fp32 more in each message's
@@ -327,7 +341,9 @@ class LowLatencyBuffer(LowLatencyChecks):
         partial row back; the token's rank adds the partial rows in fp32 and rounds to bf16 (two
         roundings, as in normal-mode combine). x: bf16 [L, R*M, H] (ignored with zero_copy: the rows
         were written into get_next_low_latency_combine_buffer(handle)). topk_idx and topk_weights
-        must be those of the dispatch that made the handle. Returns (combined_x [T, H] bf16, event, hook).
+        must be those of the dispatch that made the handle. Returns (combined_x [T, H] bf16, event, hook);
+        without out=, combined_x comes from two tensors per [T, H] used in turn (hold at most two
+        results, as DeepEP documents).
         handle: the LowLatencyHandle low_latency_dispatch returned (a rebuilt tuple is refused).
 
         Without weights carried by dispatch, the send half waits until every rank has started its

@@ -2,9 +2,18 @@
 
 LowLatencyBuffer checks a call's arguments in full the first time a (shapes, strides, dtypes,
 devices, options, check level) signature is seen and keeps a plan for it; a later call of the same
-signature passed every check then (they depend on nothing else) and only allocates its fresh
-outputs, launches the prepared kernels (kernels.DispatchLaunch / CombineLaunch) and builds the handle.
-Outputs are never reused: they belong to the caller, as DeepEP's.
+signature passed every check then (they depend on nothing else) and only takes its outputs and
+launches the prepared kernels (kernels.DispatchLaunch / CombineLaunch).
+
+Outputs come from two sets per output signature, used in turn (OutputRing), as DeepEP documents for
+these calls: "as there are only two buffers, and the returned tensors reuse the buffer, you cannot
+hold more than 2 low-latency kernels' result tensors at a single moment". A dispatch's set is its
+recv_x (and scales), recv_count and handle, the same for every token count; a combine's is its
+output [T, H] (none with out=). The third call of an output signature writes into the first call's
+tensors; each set is allocated at its first use, so a later call makes no tensor and no handle (its
+host time is the launch). A buffer keeps the sets of its last 16 output signatures (buffer._RING_LIMIT).
+Stream order makes the reuse safe on one stream: the call's kernels run after everything enqueued
+before it, including the work that read the set last.
 
 Values are checked on the device (EPKERN_CHECK_VALUES=1, epkern.errors): dispatch drops a top-k id
 outside [-1, num_experts) and counts it, and the next checked call raises DeviceCheckError; combine
@@ -57,10 +66,10 @@ class DispatchPlan:
         self.scale_shape, self.scale_strides = (L, rows, cols), (cols * rows, 1, rows)
         self.scale_dtype = torch.int32 if kind == "fp8_ue8m0" else torch.float32
         self.L, self.R, self.rows, self.token_shape = L, R, rows, (R, M, K)
+        self.ring_key = ("dispatch", kind, M, H, num_experts, K, carry)
 
-    def __call__(self, buf, x, topk_idx, topk_weights, cumulative_stats, wait_stats):
-        if self.host_check:
-            check_range("topk_idx", topk_idx, -1, self.num_experts)
+    def _outputs(self):
+        """One set of outputs: (what the call returns before its event, the output pointers, every tensor)."""
         dev = self.device
         recv_x = torch.empty(self.recv_shape, dtype=self.recv_dtype, device=dev)
         recv_scales = (torch.empty_strided(self.scale_shape, self.scale_strides, dtype=self.scale_dtype, device=dev)
@@ -71,17 +80,24 @@ class DispatchPlan:
         token_rows = torch.empty(self.token_shape, dtype=torch.int32, device=dev)
         token_weights = torch.empty(self.token_shape, dtype=torch.float32, device=dev) if self.carry else None
         recv_tokens = torch.empty(self.R, dtype=torch.int32, device=dev)
-        hook = self.launch(current_stream_handle(self.dev), buf._next_buffer(),
-                           (x.data_ptr(), topk_idx.data_ptr(), _ptr(topk_weights)),
-                           (recv_x.data_ptr(), _ptr(recv_scales), recv_count.data_ptr(), src_info.data_ptr(),
-                            layout_range.data_ptr(), token_rows.data_ptr(), _ptr(token_weights),
-                            recv_tokens.data_ptr(), _ptr(cumulative_stats), _ptr(wait_stats)))
         handle = LowLatencyHandle(src_info, layout_range, self.M, self.hidden, self.num_experts,
                                   token_rows=token_rows, recv_tokens=recv_tokens, token_weights=token_weights)
-        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights, recv_x, recv_scales, recv_count, src_info,
-                                                   layout_range, token_rows, token_weights, recv_tokens)) \
+        pointers = (recv_x.data_ptr(), _ptr(recv_scales), recv_count.data_ptr(), src_info.data_ptr(),
+                    layout_range.data_ptr(), token_rows.data_ptr(), _ptr(token_weights), recv_tokens.data_ptr())
+        result = ((recv_x, recv_scales) if self.fp8 else recv_x, recv_count, handle)
+        return result, pointers, (recv_x, recv_scales, recv_count, src_info, layout_range, token_rows, token_weights,
+                                  recv_tokens)
+
+    def __call__(self, buf, x, topk_idx, topk_weights, cumulative_stats, wait_stats):
+        if self.host_check:
+            check_range("topk_idx", topk_idx, -1, self.num_experts)
+        (recv, recv_count, handle), pointers, tensors = buf._output_ring(self.ring_key).next(self._outputs)
+        hook = self.launch(current_stream_handle(self.dev), buf._next_buffer(),
+                           (x.data_ptr(), topk_idx.data_ptr(), _ptr(topk_weights)),
+                           pointers + (_ptr(cumulative_stats), _ptr(wait_stats)))
+        event = EventOverlap.record(extra_tensors=(x, topk_idx, topk_weights) + tensors) \
             if self.async_finish else EventOverlap()
-        return (recv_x, recv_scales) if self.fp8 else recv_x, recv_count, handle, event, hook
+        return recv, recv_count, handle, event, hook
 
 
 class CombinePlan:
@@ -99,12 +115,16 @@ class CombinePlan:
         self.send_region = ([buf._send_region(layout, i, E // R, R * M, H).data_ptr() for i in (0, 1)]
                             if zero_copy else None)
         self.out_shape, self.async_finish, self.host_check, self.num_experts = (T, H), async_finish, level == 2, E
+        self.ring_key = ("combine", T, H)
+
+    def _output(self) -> torch.Tensor:
+        return torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device)
 
     def __call__(self, buf, x, topk_idx, topk_weights, handle, out, wait_stats):
         if self.host_check:
             check_range("topk_idx", topk_idx, -1, self.num_experts)
         token_rows, recv_tokens, token_weights = handle.token_rows, handle.recv_tokens, handle.token_weights
-        combined = out if out is not None else torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device)
+        combined = out if out is not None else buf._output_ring(self.ring_key).next(self._output)
         idx = buf._next_buffer()
         source = self.send_region[idx] if self.send_region is not None else x.data_ptr()
         hook = self.launch(current_stream_handle(self.dev), idx,
@@ -115,3 +135,20 @@ class CombinePlan:
                                                    combined)) \
             if self.async_finish else EventOverlap()
         return combined, event, hook
+
+
+class OutputRing:
+    """The two output sets of one output signature, handed out in turn (see the module docstring)."""
+
+    __slots__ = ("_sets", "_turn")
+
+    def __init__(self):
+        self._sets, self._turn = [None, None], 1
+
+    def next(self, make):
+        """The next set; make() allocates it the first time."""
+        self._turn ^= 1
+        found = self._sets[self._turn]
+        if found is None:
+            found = self._sets[self._turn] = make()
+        return found
