@@ -98,6 +98,11 @@ _CASTS = {"i32": _cast(np.int32), "u32": _cast(np.uint32), "i64": _cast(np.int64
 _TYPE_CODES = {"ptr": "p", "addr": "p", "u64": "p", "i64": "q", "i32": "i", "u32": "I", "f32": "f"}
 
 
+def _pointer(value) -> int:
+    """A pointer argument's address: a tensor's data pointer, 0 for None, an int as it is."""
+    return 0 if value is None else (value.data_ptr() if isinstance(value, _Tensor) else int(value))
+
+
 class BoundParams:
     """An argument list of a KernelParams with its static values in place (KernelParams.bind):
     bound(*dynamic) returns the list with the per-call values written into their slots."""
@@ -141,15 +146,9 @@ class KernelParams:
     def values(self, **values) -> list:
         """The arguments in the kernel's order as a Launcher with `codes` takes them: tensors as their
         pointers, None as 0, scalars as given (the Launcher's packing refuses one that does not fit)."""
-        if len(values) != len(self.names):
-            raise self._mismatch(values)
-        try:
-            args = list(self._get(values))
-        except KeyError:
-            raise self._mismatch(values) from None
+        args = self._ordered(values)
         for i in self._pointers:
-            a = args[i]
-            args[i] = 0 if a is None else (a.data_ptr() if isinstance(a, _Tensor) else int(a))
+            args[i] = _pointer(args[i])
         return args
 
     def bind(self, dynamic: str, **static) -> "BoundParams":
@@ -165,7 +164,7 @@ class KernelParams:
             if name in names:
                 value = 0
             elif kind == "ptr":
-                value = 0 if value is None else (value.data_ptr() if isinstance(value, _Tensor) else int(value))
+                value = _pointer(value)
             else:
                 value = _CASTS[kind](value).item()
             template.append(value)
@@ -173,15 +172,19 @@ class KernelParams:
 
     def pack(self, **values) -> list:
         """The arguments in the kernel's order, scalars cast to their C types; every name exactly once."""
-        if len(values) != len(self.names):
-            raise self._mismatch(values)
-        try:
-            args = list(self._get(values))
-        except KeyError:
-            raise self._mismatch(values) from None
+        args = self._ordered(values)
         for i, cast in self._casts:
             args[i] = cast(args[i])
         return args
+
+    def _ordered(self, values: dict) -> list:
+        """values (every name exactly once) as a list in the kernel's order."""
+        if len(values) != len(self.names):
+            raise self._mismatch(values)
+        try:
+            return list(self._get(values))
+        except KeyError:
+            raise self._mismatch(values) from None
 
     def _mismatch(self, values) -> TypeError:
         missing = [n for n in self.names if n not in values]

@@ -153,6 +153,18 @@ class _State:
         self.tickets = torch.zeros(4, dtype=torch.int32)
 
 
+def _recorded(rec, family: str, with_hook: bool) -> list[dict]:
+    """The recorded launches of a low-latency family as {parameter: value}, each checked against its list."""
+    by_entry = {p.entry: p for p in llk.PARAMS[family]}
+    assert [e for e, _, _ in rec.calls] == (["send", "recv"] if with_hook else ["send_recv"])
+    out = []
+    for entry, codes, values in rec.calls:
+        p = by_entry[entry]
+        assert codes == p.codes and len(values) == len(p.names)
+        out.append(dict(zip(p.names, values)))
+    return out
+
+
 @pytest.mark.parametrize("with_hook", [False, True])
 @pytest.mark.parametrize("idx", [0, 1])
 def test_low_latency_launches_pass_every_parameter(monkeypatch, with_hook, idx):
@@ -166,12 +178,7 @@ def test_low_latency_launches_pass_every_parameter(monkeypatch, with_hook, idx):
     hook = launch(0, idx, inputs, outputs)
     if with_hook:
         hook()
-    by_entry = {p.entry: p for p in llk.PARAMS["dispatch"]}
-    assert [e for e, _, _ in rec.calls] == (["send", "recv"] if with_hook else ["send_recv"])
-    for entry, codes, values in rec.calls:
-        p = by_entry[entry]
-        assert codes == p.codes and len(values) == len(p.names)
-        got = dict(zip(p.names, values))
+    for got in _recorded(rec, "dispatch", with_hook):
         assert got["epoch_counter"] == state.epochs.data_ptr() + 8 * idx
         assert got["flags_off"] == layout.flags(idx) and got["max_tokens"] == 8 and got["rank"] == 1
         if "x" in got:
@@ -185,12 +192,7 @@ def test_low_latency_launches_pass_every_parameter(monkeypatch, with_hook, idx):
     hook = llk.CombineLaunch(spec, layout, 8, 5, with_hook, 0, state)(0, idx, (41, 42, 43, 44, 0), (51, 52, 0))
     if with_hook:
         hook()
-    by_entry = {p.entry: p for p in llk.PARAMS["combine"]}
-    assert [e for e, _, _ in rec.calls] == (["send", "recv"] if with_hook else ["send_recv"])
-    for entry, codes, values in rec.calls:
-        p = by_entry[entry]
-        assert codes == p.codes and len(values) == len(p.names)
-        got = dict(zip(p.names, values))
+    for got in _recorded(rec, "combine", with_hook):
         assert got["epoch_counter"] == state.epochs.data_ptr() + 4 * (2 * idx + 1)
         assert got["recv_off"] == layout.combine_recv(idx) and got["num_tokens"] == 5
         if "x" in got:

@@ -323,14 +323,34 @@ PARAMS = {"dispatch": (DISPATCH_SEND_PARAMS, DISPATCH_RECV_PARAMS, DISPATCH_SEND
           "barrier": (BARRIER_PARAMS,)}
 
 
-class DispatchLaunch:
+class _PreparedLaunch:
+    """A family's launches of one signature: the one send_recv launch, or (with_hook) the send launch
+    now and the receive launch as the returned hook; one bound argument list per buffer (0, 1)."""
+
+    __slots__ = ("with_hook", "_send", "_recv", "_send_args", "_recv_args")
+
+    def __call__(self, stream: int, idx: int, inputs: tuple, outputs: tuple):
+        """Launch through buffer idx; inputs / outputs: the pointers the family's _INPUTS / _OUTPUTS
+        name, in that order. Returns the receive hook (with_hook) or None."""
+        if not self.with_hook:
+            self._send(stream, *self._send_args[idx](*inputs, *outputs))
+            return None
+        self._send(stream, *self._send_args[idx](*inputs))
+        recv, values = self._recv, self._recv_args[idx](*outputs)
+
+        def hook():
+            recv(current_stream_handle(recv.device), *values)
+        return hook
+
+
+class DispatchLaunch(_PreparedLaunch):
     """The launches of one low-latency dispatch signature, prepared once: one send_recv launch of
     num_sms blocks, or (with_hook) the send launch (min(T, num_sms) blocks) and the receive launch
     as the hook. Every value but the tensors of a call is fixed here, for both buffers: the buffer
     `state` (rank, ptr_table, mask, timeout_ns, epochs and tickets [4] int32: per buffer [dispatch,
     combine]) and the error site (err, err_any: pointers, 0 when not counted)."""
 
-    __slots__ = ("with_hook", "_send", "_recv", "_send_args", "_recv_args")
+    __slots__ = ()
 
     def __init__(self, spec: LowLatencySpec, layout: BufferLayout, num_sms: int, num_tokens: int, with_hook: bool,
                  device: int, state, err: int, err_any: int):
@@ -362,25 +382,12 @@ class DispatchLaunch:
         local = dict(local_base=state.local_base)
         self._recv_args = [DISPATCH_RECV_PARAMS.bind(_DISPATCH_OUTPUTS, **recv, **local, **offsets(i)) for i in (0, 1)]
 
-    def __call__(self, stream: int, idx: int, inputs: tuple, outputs: tuple):
-        """Launch through buffer idx; inputs / outputs: the pointers named by _DISPATCH_INPUTS /
-        _DISPATCH_OUTPUTS. Returns the receive hook (with_hook) or None."""
-        if not self.with_hook:
-            self._send(stream, *self._send_args[idx](*inputs, *outputs))
-            return None
-        self._send(stream, *self._send_args[idx](*inputs))
-        recv, values = self._recv, self._recv_args[idx](*outputs)
 
-        def hook():
-            recv(current_stream_handle(recv.device), *values)
-        return hook
-
-
-class CombineLaunch:
+class CombineLaunch(_PreparedLaunch):
     """The launches of one low-latency combine signature, prepared once: one send_recv launch, or
     (with_hook) the send launch (num_sms blocks) and the receive launch (min(T, num_sms)) as the hook."""
 
-    __slots__ = ("with_hook", "_send", "_recv", "_send_args", "_recv_args")
+    __slots__ = ()
 
     def __init__(self, spec: LowLatencySpec, layout: BufferLayout, num_sms: int, num_tokens: int, with_hook: bool,
                  device: int, state):
@@ -409,19 +416,6 @@ class CombineLaunch:
                            for i in (0, 1)]
         local = dict(local_base=state.local_base)
         self._recv_args = [COMBINE_RECV_PARAMS.bind(_COMBINE_OUTPUTS, **common, **local, **offsets(i)) for i in (0, 1)]
-
-    def __call__(self, stream: int, idx: int, inputs: tuple, outputs: tuple):
-        """Launch through buffer idx; inputs / outputs: the pointers named by _COMBINE_INPUTS /
-        _COMBINE_OUTPUTS. Returns the receive hook (with_hook) or None."""
-        if not self.with_hook:
-            self._send(stream, *self._send_args[idx](*inputs, *outputs))
-            return None
-        self._send(stream, *self._send_args[idx](*inputs))
-        recv, values = self._recv, self._recv_args[idx](*outputs)
-
-        def hook():
-            recv(current_stream_handle(recv.device), *values)
-        return hook
 
 
 # the per-call pointers of each family, in the order DispatchLaunch / CombineLaunch take them
