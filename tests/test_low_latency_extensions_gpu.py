@@ -174,8 +174,10 @@ def _check_logfmt(buf, rank, num_ranks, seed, hidden):
     parts = _partials(x, topk_idx, weights, num_ranks)
     bound = sum(logfmt.error_bound(p) for p in parts) + 2 ** -7 * parts.float().abs().sum(0)
     for hook, zero_copy, carry in ((False, False, False), (True, False, True), (False, True, False)):
-        ref = _round_trip(buf, x, topk_idx, weights, hook=hook, zero_copy=zero_copy, carry=carry)[3]
-        got = _round_trip(buf, x, topk_idx, weights, hook=hook, zero_copy=zero_copy, carry=carry, logfmt=True)[3]
+        # three results held at once: two are copied (DeepEP's rule, kept by epkern: at most two held)
+        ref = _round_trip(buf, x, topk_idx, weights, hook=hook, zero_copy=zero_copy, carry=carry)[3].clone()
+        got = _round_trip(buf, x, topk_idx, weights, hook=hook, zero_copy=zero_copy, carry=carry,
+                          logfmt=True)[3].clone()
         again = _round_trip(buf, x, topk_idx, weights, hook=hook, zero_copy=zero_copy, carry=carry, logfmt=True)[3]
         assert torch.equal(got, again), "LogFMT combine must be deterministic"
         diff = (got.float() - ref.float()).abs()
