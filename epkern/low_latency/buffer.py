@@ -408,5 +408,6 @@ class LowLatencyBuffer(LowLatencyChecks):
         self._barrier()
 
     def destroy(self) -> None:
+        self._rings.clear()   # the output sets go back to torch's allocator (results still held stay valid)
         self.peer.close()
 
