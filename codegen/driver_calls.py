@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 
-SUCCESS = 0
 ERROR_INVALID_CONTEXT = 201   # CUresult: the calling thread has no current context
 _ENTRY_VERSION = 12000        # the driver API version whose signatures these calls use (unchanged since)
 _STREAM_CACHE_LIMIT = 4096    # distinct raw handles kept; cleared past it (a user making streams in a loop)

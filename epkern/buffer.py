@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from epkern.codegen.launch import current_stream_handle
 
+from .call_plans import signature, store
 from .events import EventHandle, EventOverlap, cuda_event
 from . import tuning
 from .layout import get_dispatch_layout as _layout
@@ -115,10 +116,10 @@ class NotInEpkern(NotImplementedError, AttributeError):
 
 
 def _payload_key(x):
-    """A dispatch payload's signature (plans.tensor_key of x, or of both halves of an (x, scales) tuple)."""
+    """A dispatch payload's signature (signature of x, or of both halves of an (x, scales) tuple)."""
     if type(x) is tuple:
-        return (plans.tensor_key(x[0]), plans.tensor_key(x[1])) if len(x) == 2 else None
-    return plans.tensor_key(x)
+        return (signature(x[0]), signature(x[1])) if len(x) == 2 else None
+    return signature(x)
 
 
 def _biases(bias) -> tuple:
@@ -127,8 +128,8 @@ def _biases(bias) -> tuple:
 
 def _bias_key(bias):
     if bias is None or not isinstance(bias, tuple):
-        return plans.tensor_key(bias)
-    return tuple(plans.tensor_key(b) for b in bias)
+        return signature(bias)
+    return tuple(signature(b) for b in bias)
 
 
 def _single_node(what: str) -> RuntimeError:
@@ -460,7 +461,7 @@ class Buffer:
                                         topk_idx, topk_weights, expert_alignment, num_worst_tokens)
             if key is not None and None not in key[:2] and plans.CachedDispatchPlan.takes(x_data, x_scales):
                 plan = plans.CachedDispatchPlan(self._backend, x_data, x_scales, args["handle"], config.num_sms)
-                plans.store(self._dispatch_plans, key, plan)
+                store(self._dispatch_plans, key, plan, plans.PLAN_LIMIT)
         if plan is not None:
             x_data, x_scales = x if type(x) is tuple else (x, None)
             (recv_x, recv_scales), event = self._launch(
@@ -542,7 +543,7 @@ class Buffer:
         key = plan = None
         if self._stream_calls:
             try:  # a signature seen before: its checks passed, only the pointers are new
-                key = (plans.tensor_key(x), plans.handle_key(handle), plans.tensor_key(topk_weights),
+                key = (signature(x), plans.handle_key(handle), signature(topk_weights),
                        _bias_key(bias), config.num_sms)
                 plan = self._combine_plans.get(key)
             except (AttributeError, TypeError):  # not tensors, unhashable: the checks below say what
@@ -567,7 +568,7 @@ class Buffer:
                          device=x.device)
         if key is not None and key[1] is not None and handle.max_tokens is not None:
             plan = plans.CombinePlan(self._backend, x, handle, topk_weights, biases, config.num_sms)
-            plans.store(self._combine_plans, key, plan)
+            store(self._combine_plans, key, plan, plans.PLAN_LIMIT)
             return self._run_combine_plan(plan, x, handle, topk_weights, biases, previous_event, async_finish,
                                           allocate_on_comm_stream)
         inputs = (x,) + ((topk_weights,) if topk_weights is not None else ()) + biases

@@ -28,6 +28,7 @@ import torch
 from epkern.codegen import KernelSpec, check_choice, check_int, get_module
 from epkern.codegen.launch import current_stream_handle
 
+from .call_plans import store
 from .validate import check_tensor
 
 FP8_MAX = 448.0
@@ -262,11 +263,8 @@ _PLAN_LIMIT = 1024  # signatures kept per direction (a new token count is a new 
 
 
 def _store(plans: dict, key, plan) -> None:
-    if key is None:
-        return
-    if len(plans) >= _PLAN_LIMIT:
-        plans.clear()
-    plans[key] = plan
+    if key is not None:
+        store(plans, key, plan, _PLAN_LIMIT)
 
 
 class _CastPlan:

@@ -11,6 +11,7 @@ from epkern.codegen.launch import current_stream_handle
 from epkern.codegen.scratch import SelfResettingZeros
 
 from . import errors
+from .call_plans import store
 from .validate import check_positive_int, check_range, check_tensor
 
 MAX_RANKS = 64
@@ -182,10 +183,8 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     plan = _Plan(_spec(num_experts, num_ranks, num_topk), topk_idx.device, num_tokens, level)
     if level == 2:  # the eager host check runs on every call: nothing to cache
         return plan(topk_idx)
-    if len(_plans) >= _PLAN_LIMIT:
-        _plans.clear()
-    _plans[(topk_idx.shape, topk_idx.stride(), topk_idx.dtype, topk_idx.get_device(), num_experts, type(num_experts),
-            num_ranks, type(num_ranks), level)] = plan
+    store(_plans, (topk_idx.shape, topk_idx.stride(), topk_idx.dtype, topk_idx.get_device(), num_experts,
+                   type(num_experts), num_ranks, type(num_ranks), level), plan, _PLAN_LIMIT)
     return plan(topk_idx)
 
 

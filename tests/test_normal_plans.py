@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from epkern.normal import kernels as ik
+from epkern.call_plans import signature
 from epkern.normal import plans
 from epkern.normal.handle import DispatchHandle
 from epkern.normal.nvlink import NvlinkBackend
@@ -144,6 +145,6 @@ def test_handle_key_needs_a_handle_with_host_known_maxima():
     assert plans.handle_key(tuple(handle)) is None                     # a plain tuple: the backend's way
     assert plans.handle_key(_handle(max_remote=None, max_tokens=None)) is None
     assert plans.handle_key(_handle(30, T, rows=41)) != plans.handle_key(handle)
-    assert plans.tensor_key(None) is None
+    assert signature(None) is None
     with pytest.raises(AttributeError):
-        plans.tensor_key(np.zeros(2))
+        signature(np.zeros(2))

@@ -44,7 +44,8 @@ from epkern.codegen import knobs
 
 from .handle import as_handle
 from .kernels import BufferLayout, dispatch_kind, launch_barrier, max_tokens_for_bytes, size_hint
-from .plans import CombinePlan, DispatchPlan, OutputRing, signature
+from .plans import CombinePlan, DispatchPlan, OutputRing
+from ..call_plans import signature, store
 from ..peer_memory import PeerBuffer
 from ..validate import check_cuda, check_positive_int, check_range, check_tensor
 
@@ -96,9 +97,7 @@ _RING_LIMIT = 16   # output signatures whose two output sets a buffer keeps (pla
 
 
 def _store(plans: dict, key, plan) -> None:
-    if len(plans) >= _PLAN_LIMIT:
-        plans.clear()
-    plans[key] = plan
+    store(plans, key, plan, _PLAN_LIMIT)
 
 
 class LowLatencyChecks:

@@ -37,11 +37,6 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def signature(t):
-    """What a tensor argument's checks depend on (None for None); AttributeError for a non-tensor."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
-
-
 class DispatchPlan:
     """low_latency_dispatch of one signature (see LowLatencyBuffer.low_latency_dispatch)."""
 

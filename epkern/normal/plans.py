@@ -20,18 +20,7 @@ from . import kernels as ik
 from . import rounds as rd
 from .handle import DispatchHandle
 
-_PLAN_LIMIT = 256  # signatures kept per direction (a new token or row count is a new signature)
-
-
-def store(plans: dict, key, plan) -> None:
-    if len(plans) >= _PLAN_LIMIT:
-        plans.clear()
-    plans[key] = plan
-
-
-def tensor_key(t):
-    """What a tensor argument's checks depend on (None for None); AttributeError for a non-tensor."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
+PLAN_LIMIT = 256  # signatures kept per direction (a new token or row count is a new signature)
 
 
 def handle_key(handle):
