@@ -9,7 +9,7 @@ import torch
 from epkern.codegen import KernelSpec, check_int, get_module
 from epkern.codegen.launch import current_stream_handle
 
-from .ipm_numba import MAX_ITERATIONS, REFINE_MU, STEP_FACTOR, TOLERANCE
+from .ipm_numba import MAX_ITERATIONS, REFINE_MU, SAFE_STEP_FACTOR, STEP_FACTOR, TOLERANCE
 from .topologies import MAX_DUPS, MAX_GROUP_SIZE
 
 THREADS = 128  # per block: every warp gathers the group's token counts, warp 0 then solves
@@ -44,7 +44,7 @@ class IpmSpec(KernelSpec):
     def template_vars(self):
         return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
                     max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
-                    step_factor=repr(STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile,
+                    step_factor=repr(STEP_FACTOR), safe_step_factor=repr(SAFE_STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile,
                     fused=False)
 
     def name_fields(self) -> str:

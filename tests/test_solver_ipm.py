@@ -74,7 +74,7 @@ def test_numba_matches_highs(problem_set):
     assert relative_error(achieved[nonzero], optimum[nonzero]).max() < 1e-4
     assert (achieved[~nonzero] == 0).all()
     np.testing.assert_allclose(objective, achieved, rtol=1e-9, atol=1e-9)  # the reported objective is the plan's
-    assert iters.max() <= ipm_numba.MAX_ITERATIONS
+    assert iters.max() <= 2 * ipm_numba.MAX_ITERATIONS  # a numerical failure is solved once more
 
 
 def test_degenerate_cases_have_known_optima():
