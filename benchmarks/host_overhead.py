@@ -262,8 +262,8 @@ def seed_run(planner, idx, counter, n_sms=132):
     E = planner.n_logical_routed_experts
     buffers.by_sm = torch.empty(n_sms, E, dtype=torch.int32)
     buffers.by_sm_ptr, buffers.workload_ptr, buffers.partials_ptr = buffers.by_sm.data_ptr(), 0, 0
-    buffers.ticket = type("T", (), {"trusted": True})()
-    buffers.ticket_ptr = 0
+    buffers.count_state = type("T", (), {"trusted": True})()
+    buffers.count_partials_ptr = buffers.ticket_ptr = 0
     buffers.probs = torch.empty(plan.n_group, plan.group_size, plan.dups)
     buffers.probs_ptr = buffers.probs.data_ptr()
     buffers.gw_ptr = 0
@@ -271,7 +271,7 @@ def seed_run(planner, idx, counter, n_sms=132):
     buffers.objective = torch.zeros(plan.n_group)
     buffers.status, buffers.iterations = buffers.stats[:, 0], buffers.stats[:, 1]
     buffers.stats_ptr = buffers.objective_ptr = 0
-    buffers.run_zeros = buffers.ticket
+    buffers.run_zeros = buffers.count_state
     buffers.totals_ptr = buffers.sync_ptr = 0
     buffers.spare_out = buffers.spare_solve = None
     plan.buffers[0] = buffers

@@ -38,6 +38,7 @@ class MapSpec(KernelSpec):
 
     num_experts: int       # logical experts E
     threads: int = 256
+    profile: bool = False  # debug: count_grid's phase stamps into an extra last argument (benchmarks/lplb_run_profile.py)
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -47,12 +48,14 @@ class MapSpec(KernelSpec):
             raise ValueError(f"{n}: threads={self.threads} with num_experts={self.num_experts} needs "
                              f"{self.threads // 32 * self.num_experts * 4} bytes of shared memory, over "
                              f"{SMEM_BUDGET}; use threads={map_threads(self.num_experts)}")
+        if not isinstance(self.profile, bool):
+            raise ValueError(f"{n}.profile={self.profile!r}: expected a bool")
 
     def template_vars(self):
-        return dict(num_experts=self.num_experts, threads=self.threads, align=ALIGN)
+        return dict(num_experts=self.num_experts, threads=self.threads, align=ALIGN, profile=self.profile)
 
     def name_fields(self) -> str:
-        return f"e{self.num_experts}_t{self.threads}"
+        return f"e{self.num_experts}_t{self.threads}" + ("_prof" if self.profile else "")
 
     @classmethod
     @functools.lru_cache(maxsize=256)
@@ -113,6 +116,7 @@ _launchers: dict = {}
 
 
 TICKET_WORDS = 4  # the count's counters (templates/lplb_map.cu.j2), zero at first use
+_count_states: dict = {}
 
 
 def ticket(device: torch.device, stream_handle: int) -> SelfResettingZeros:
@@ -122,6 +126,23 @@ def ticket(device: torch.device, stream_handle: int) -> SelfResettingZeros:
     if t is None:
         t = _tickets[key] = SelfResettingZeros(TICKET_WORDS, device)
     return t
+
+
+def count_scratch(launch, device: torch.device, stream_handle: int, n_sms: int,
+                  num_experts: int) -> tuple[SelfResettingZeros, int, int]:
+    """(zeros to get() before a launch, partials pointer, ticket pointer) of the count launch `launch`
+    on this stream. count_grid (launched cooperatively) takes its tagged rows [n_sms, E] uint64 and its
+    epoch in one allocation, zeroed together (a row left from a launch before a re-zeroing would carry
+    a tag the restarted epoch reuses); the last-block count takes int32 rows and the stream's ticket."""
+    if launch.cooperative:
+        key = (device.index, stream_handle, n_sms, num_experts)
+        state = _count_states.get(key)
+        if state is None:
+            state = _count_states[key] = SelfResettingZeros(TICKET_WORDS + 2 * n_sms * num_experts, device)
+        base = state.tensor.data_ptr()
+        return state, base + 4 * TICKET_WORDS, base
+    state = ticket(device, stream_handle)
+    return state, count_partials(device, stream_handle, n_sms, num_experts).data_ptr(), state.tensor.data_ptr()
 
 
 def count_partials(device: torch.device, stream_handle: int, n_sms: int, num_experts: int) -> torch.Tensor:
@@ -166,9 +187,10 @@ def count_cuda(idx: torch.Tensor, num_experts: int, n_sms: int, by_sm: torch.Ten
     if by_sm is None:
         by_sm = torch.empty(n_sms, num_experts, dtype=torch.int32, device=device)
     err, err_any = count_site(device.index, num_experts, errors.check_level())
-    launcher(spec, device.index, "count", n_sms)(
-        stream, idx.data_ptr(), idx.numel(), by_sm.data_ptr(), count_partials(device, stream, n_sms, num_experts).data_ptr(),
-        ticket(device, stream).get().data_ptr(), err, err_any)
+    launch = launcher(spec, device.index, "count", n_sms)
+    state, partials, ticket_ptr = count_scratch(launch, device, stream, n_sms, num_experts)
+    state.get()
+    launch(stream, idx.data_ptr(), idx.numel(), by_sm.data_ptr(), partials, ticket_ptr, err, err_any)
     return by_sm
 
 

@@ -369,13 +369,13 @@ class _RunBuffers:
             self.by_sm = torch.empty(plan.n_sms, E, dtype=torch.int32, device=dev)
             self.by_sm_ptr = self.by_sm.data_ptr()
             self.workload_ptr = self.by_sm_ptr + 4 * (plan.n_sms - 1) * E  # the last row: the totals
-            self.partials_ptr = map_kernel.count_partials(dev, stream, plan.n_sms, E).data_ptr()
-            self.ticket = map_kernel.ticket(dev, stream)
-            self.ticket_ptr = self.ticket.tensor.data_ptr()
+            self.partials_ptr = map_kernel.count_partials(dev, stream, plan.n_sms, E).data_ptr()  # the fused run's
+            self.count_state, self.count_partials_ptr, self.ticket_ptr = map_kernel.count_scratch(
+                plan.count_launch, dev, stream, plan.n_sms, E)
             # the fused run's state (solver/run_kernel.py state_words), kept usable by the kernel
             self.run_zeros = map_kernel.SelfResettingZeros(run_kernel.state_words(E), dev)
             self.totals_ptr = self.run_zeros.tensor.data_ptr()
-            self.sync_ptr = self.totals_ptr + 4 * 2 * E
+            self.sync_ptr = self.totals_ptr + 4 * run_kernel.sync_offset(E)
             self.probs = torch.empty(plan.n_group, plan.group_size, plan.dups, dtype=torch.float32, device=dev)
             self.probs_ptr = self.probs.data_ptr()
             self.gw = torch.empty(E, dtype=torch.float32, device=dev)
@@ -449,9 +449,9 @@ class _RunPlan:
             planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
             b.spare_out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
             return out
-        if not b.ticket.trusted:
-            b.ticket.get()
-        self.count_launch(stream, idx_ptr, self.numel, b.by_sm_ptr, b.partials_ptr, b.ticket_ptr, self.err,
+        if not b.count_state.trusted:
+            b.count_state.get()
+        self.count_launch(stream, idx_ptr, self.numel, b.by_sm_ptr, b.count_partials_ptr, b.ticket_ptr, self.err,
                           self.err_any)
         self.solve_launch(stream, b.workload_ptr, self.n_logical, self.phy2log_ptr, self.n_fixed, self.r2o_ptr,
                           self.o2r_ptr, self.prev_ptr, b.probs_ptr, b.gw_ptr, avail_counter.data_ptr(), b.stats_ptr,

@@ -14,7 +14,7 @@ import torch
 from epkern.codegen import KernelSpec, check_int, get_module
 
 from . import ipm_kernel, map_kernel
-from .ipm_numba import MAX_ITERATIONS, REFINE_MU, STEP_FACTOR, TOLERANCE
+from .ipm_numba import MAX_ITERATIONS, REFINE_MU, SAFE_STEP_FACTOR, STEP_FACTOR, TOLERANCE
 from .topologies import MAX_DUPS, MAX_GROUP_SIZE
 
 THREADS = ipm_kernel.THREADS  # one block size for every phase: the solve's
@@ -22,12 +22,19 @@ RUN_CODES = "pqppp" + "pipp" + "pppppp" + "i" + "ppp" + "pp"  # the kernel's par
 
 
 SYNC_WORDS = 8  # the kernel's counters: {arrived, solved} of two sets, the parity, a timed-out flag
+TOTAL_COPIES = 8  # copies of the totals the blocks add into (block b into copy b % 8), so ~16 atomics, not
+                  # ~130, queue on one address ahead of the grid barrier (the solve sums the copies)
+
+
+def sync_offset(num_experts: int) -> int:
+    """int32 words before the counters in the kernel's state: two sets of TOTAL_COPIES totals [E]."""
+    return 2 * TOTAL_COPIES * num_experts
 
 
 def state_words(num_experts: int) -> int:
     """int32 words of the kernel's state, zero before its first launch (it keeps them usable after):
-    two sets of totals [2, E], then the counters (pass state + 2 * E as `sync`)."""
-    return 2 * num_experts + SYNC_WORDS
+    the totals, then the counters (pass state + sync_offset(E) as `sync`)."""
+    return sync_offset(num_experts) + SYNC_WORDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +46,7 @@ class RunSpec(KernelSpec):
     dups: int
     combined: int
     num_experts: int  # logical experts E
+    profile: bool = False  # debug: per-block phase stamps into an extra last argument (benchmarks/lplb_run_profile.py)
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -49,15 +57,17 @@ class RunSpec(KernelSpec):
         if THREADS // 32 * self.num_experts * 4 > map_kernel.SMEM_BUDGET:
             raise ValueError(f"{n}.num_experts={self.num_experts}: the per-warp counters need more than "
                              f"{map_kernel.SMEM_BUDGET} bytes of shared memory")
+        if not isinstance(self.profile, bool):
+            raise ValueError(f"{n}.profile={self.profile!r}: expected a bool")
 
     def template_vars(self):
         return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
-                    max_iterations=MAX_ITERATIONS, tolerance=repr(TOLERANCE), step_factor=repr(STEP_FACTOR),
-                    refine_mu=repr(REFINE_MU), threads=THREADS, profile=False, fused=True,
-                    num_experts=self.num_experts, align=map_kernel.ALIGN)
+                    max_iterations=MAX_ITERATIONS, tolerance=repr(TOLERANCE), step_factor=repr(STEP_FACTOR), safe_step_factor=repr(SAFE_STEP_FACTOR),
+                    refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile, fused=True,
+                    num_experts=self.num_experts, align=map_kernel.ALIGN, total_copies=TOTAL_COPIES)
 
     def name_fields(self) -> str:
-        return f"g{self.group_size}_d{self.dups}_c{self.combined}_e{self.num_experts}"
+        return f"g{self.group_size}_d{self.dups}_c{self.combined}_e{self.num_experts}" + ("_prof" if self.profile else "")
 
     @property
     def smem(self) -> int:

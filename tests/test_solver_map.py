@@ -162,8 +162,9 @@ def test_gpu_count_takes_the_grid_scan_when_every_block_fits():
 
 @pytest.mark.gpu
 def test_gpu_count_ticket_first_made_during_capture_is_zeroed_by_the_graph():
-    """A count ticket first allocated inside a capture may hold anything (recycled pool memory):
-    the graph zeroes it, and so does the first eager launch on that stream."""
+    """A count's state first allocated inside a capture may hold anything (recycled pool memory; for
+    count_grid, its tagged rows and epoch): the graph zeroes it, and so does the first eager launch on
+    that stream."""
     from epkern.solver import map_kernel
 
     idx = random_idx((4096, 8), 8).cuda()
@@ -173,7 +174,8 @@ def test_gpu_count_ticket_first_made_during_capture_is_zeroed_by_the_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         by_sm = map_kernel.count_cuda(idx, E, 16)
-    ticket = map_kernel._tickets[(idx.device.index, stream.cuda_stream)]
+    launch = map_kernel.launcher(map_kernel.MapSpec.for_experts(E), idx.device.index, "count", 16)
+    ticket, _, _ = map_kernel.count_scratch(launch, idx.device, stream.cuda_stream, 16, E)
     for _ in range(2):
         ticket.tensor.fill_(7)  # garbage
         graph.replay()
