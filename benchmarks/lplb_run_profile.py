@@ -23,6 +23,7 @@ import pathlib
 import numpy as np
 import torch
 
+from benchmarks.harness import Bench
 from benchmarks.lplb import CALLS, make_planner
 from benchmarks.lplb_profile import PROF_END, PROF_GATHERED, PROF_IPM_END, PROF_ITER0, PROF_SCALED, PROF_SLOTS, PROF_START
 from epkern.codegen import get_module
@@ -47,21 +48,10 @@ def fused_plan(planner):
     return plans[0]
 
 
-def graph_time(planner, inputs, counter) -> float:
-    """Device us per call of the unstamped run: a graph of CALLS calls, replayed."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            planner.run(inputs[i % len(inputs)], counter)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * CALLS)
+def graph_us(fn, inputs) -> float:
+    """Median device us per call of fn over inputs: graphs of CALLS calls, replayed (benchmarks.lplb's rule)."""
+    return Bench("lplb_run_profile", warmup=3, repeats=REPLAYS).time(fn, inputs, graph=True,
+                                                                     calls_per_graph=CALLS)["median_us"]
 
 
 def stamped_calls(planner, inputs, counter, n_sms: int) -> list[np.ndarray]:
@@ -86,15 +76,15 @@ def stamped_calls(planner, inputs, counter, n_sms: int) -> list[np.ndarray]:
     return [b.cpu().numpy() for b in bufs]
 
 
-def stamped_counts(inputs, n_sms: int, num_experts: int) -> tuple[float, list[np.ndarray]]:
-    """(device us per call of the unstamped count, [calls] of count_grid's stamps), graphs of CALLS calls."""
+def stamped_counts(inputs, n_sms: int, num_experts: int) -> list[np.ndarray]:
+    """[calls] of count_grid's stamps: CALLS stamped counts back to back in one graph, after warm-up replays."""
     spec = map_kernel.MapSpec(num_experts, map_kernel.map_threads(num_experts), profile=True)
     device = torch.cuda.current_device()
     stamped = get_module(spec, device).launcher("count_grid", n_sms, spec.threads, "pqppppp" + "p",
                                                 smem=4 * num_experts, cooperative=True)
     by_sm = torch.empty(n_sms, num_experts, dtype=torch.int32, device="cuda")
     bufs = [torch.zeros(2 * n_sms * len(COUNT_STAMPS), dtype=torch.int64, device="cuda") for _ in range(CALLS)]
-    graph, plain = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         stream = torch.cuda.current_stream().cuda_stream
         state, tagged, ticket = map_kernel.count_scratch(stamped, torch.device("cuda", device), stream, n_sms,
@@ -104,19 +94,10 @@ def stamped_counts(inputs, n_sms: int, num_experts: int) -> tuple[float, list[np
             x = inputs[i % len(inputs)]
             stamped(stream, x.data_ptr(), x.numel(), by_sm.data_ptr(), tagged, ticket, 0, 0,
                     bufs[i].data_ptr())
-    with torch.cuda.graph(plain):
-        for i in range(CALLS):
-            map_kernel.count_cuda(inputs[i % len(inputs)], num_experts, n_sms, by_sm)
     for _ in range(3):
         graph.replay()
-        plain.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        plain.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * CALLS), [b.cpu().numpy() for b in bufs]
+    torch.cuda.synchronize()
+    return [b.cpu().numpy() for b in bufs]
 
 
 def timeline(calls: list[np.ndarray], n_sms: int, names: tuple) -> tuple[dict, float, list]:
@@ -170,7 +151,7 @@ def main() -> None:
         inputs = [torch.randint(-1, 256, (4096, 8), device="cuda", generator=gen) for _ in range(4)]
         counter = torch.zeros(1, dtype=torch.int32, device="cuda")
         planner.run(inputs[0], counter)  # compile, check, plan
-        us = graph_time(planner, inputs, counter)
+        us = graph_us(lambda x: planner.run(x, counter), inputs)
         iterations = planner.last_iterations.cpu().tolist()
         summary = summarize(stamped_calls(planner, inputs, counter, n_sms), n_sms, planner.n_group)
         results.append({"case": f"run cube8x2 EP{ep} 4096x8", "us_per_call": us, "iterations": iterations, **summary})
@@ -181,7 +162,8 @@ def main() -> None:
         print(f"  solve: gather {summary['solve_gather_us']:.2f} us, ipm {summary['solve_ipm_us']:.2f} us "
               f"(first iteration {summary['first_iteration_us']:.2f}), epilogue {summary['solve_epilogue_us']:.2f}")
     inputs = [torch.randint(-1, 256, (4096, 8), device="cuda", generator=gen) for _ in range(4)]
-    us, calls = stamped_counts(inputs, n_sms, 256)
+    us = graph_us(lambda x: map_kernel.count_cuda(x, 256, n_sms), inputs)
+    calls = stamped_counts(inputs, n_sms, 256)
     reached, gap, _ = timeline(calls, n_sms, COUNT_STAMPS)
     results.append({"case": "count 4096x8", "us_per_call": us, "reached_us_first_median_last": reached,
                     "gap_from_previous_call_us": gap})
