@@ -207,7 +207,8 @@ class Planner:
                 h runs 1 - probs[r2o[h, d], d] of bundle d of rank r2o[h, d].
             global_workload [n_group, group_size, n_local_logical] float32: the workload / its max.
         Per-group details stay in last_status (0 optimal, 1 iteration limit, 2 numerical failure),
-        last_iterations and last_objective (the busiest rank's planned load, tokens); on CUDA these
+        last_iterations (both attempts' when a numerical failure was solved again with shorter steps)
+        and last_objective (the busiest rank's planned load, tokens); on CUDA these
         are rewritten in place by the next solve on the same stream.
         """
         try:  # a signature seen before (CUDA, int32, no group): its checks passed, only pointers are new
