@@ -15,6 +15,14 @@ from .topologies import MAX_DUPS, MAX_GROUP_SIZE
 THREADS = 128  # per block: every warp gathers the group's token counts, warp 0 then solves
 
 
+def solver_template_vars(group_size: int, dups: int, combined: int, max_iterations: int = MAX_ITERATIONS,
+                         tolerance: float = TOLERANCE, profile: bool = False) -> dict:
+    """What templates/lplb_ipm.cu.j2 substitutes, for the solve kernel and for the fused run that includes it."""
+    return dict(group_size=group_size, dups=dups, combined=combined, max_iterations=max_iterations,
+                tolerance=repr(tolerance), step_factor=repr(STEP_FACTOR), safe_step_factor=repr(SAFE_STEP_FACTOR),
+                refine_mu=repr(REFINE_MU), threads=THREADS, profile=profile)
+
+
 @dataclasses.dataclass(frozen=True)
 class IpmSpec(KernelSpec):
     """One LP shape: group size G (ranks per group), D redundant slots per rank, and `combined`
@@ -42,10 +50,8 @@ class IpmSpec(KernelSpec):
             raise ValueError(f"{n}.profile={self.profile!r}: expected a bool")
 
     def template_vars(self):
-        return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
-                    max_iterations=self.max_iterations, tolerance=repr(self.tolerance),
-                    step_factor=repr(STEP_FACTOR), safe_step_factor=repr(SAFE_STEP_FACTOR), refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile,
-                    fused=False)
+        return dict(solver_template_vars(self.group_size, self.dups, self.combined, self.max_iterations,
+                                         self.tolerance, self.profile), fused=False)
 
     def name_fields(self) -> str:
         return f"g{self.group_size}_d{self.dups}_c{self.combined}" + ("_prof" if self.profile else "")

@@ -14,7 +14,6 @@ import torch
 from epkern.codegen import KernelSpec, check_int, get_module
 
 from . import ipm_kernel, map_kernel
-from .ipm_numba import MAX_ITERATIONS, REFINE_MU, SAFE_STEP_FACTOR, STEP_FACTOR, TOLERANCE
 from .topologies import MAX_DUPS, MAX_GROUP_SIZE
 
 THREADS = ipm_kernel.THREADS  # one block size for every phase: the solve's
@@ -61,10 +60,8 @@ class RunSpec(KernelSpec):
             raise ValueError(f"{n}.profile={self.profile!r}: expected a bool")
 
     def template_vars(self):
-        return dict(group_size=self.group_size, dups=self.dups, combined=self.combined,
-                    max_iterations=MAX_ITERATIONS, tolerance=repr(TOLERANCE), step_factor=repr(STEP_FACTOR), safe_step_factor=repr(SAFE_STEP_FACTOR),
-                    refine_mu=repr(REFINE_MU), threads=THREADS, profile=self.profile, fused=True,
-                    num_experts=self.num_experts, align=map_kernel.ALIGN, total_copies=TOTAL_COPIES)
+        return dict(ipm_kernel.solver_template_vars(self.group_size, self.dups, self.combined, profile=self.profile),
+                    fused=True, num_experts=self.num_experts, align=map_kernel.ALIGN, total_copies=TOTAL_COPIES)
 
     def name_fields(self) -> str:
         return f"g{self.group_size}_d{self.dups}_c{self.combined}_e{self.num_experts}" + ("_prof" if self.profile else "")
