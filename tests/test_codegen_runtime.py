@@ -25,7 +25,11 @@ def _module(monkeypatch, calls, fail=None):
     that error, so the Launcher's own error path raises."""
     module = LoadedModule(fp8._spec(7168, 128, "bf16", "fp32", "row"), "sm_90a", 0, _FakeCode())
     if fail:
-        monkeypatch.setattr(launch.Launcher, "_enqueue", lambda self, stream: fail)
+        def failing_call(self, stream):  # the driver call of every launch returns `fail`
+            self._driver = lambda *args: fail
+            return ()
+
+        monkeypatch.setattr(launch.Launcher, "_call_args", failing_call)
         monkeypatch.setattr(launch, "_driver_launch", None)
     else:
         monkeypatch.setattr(launch, "_driver_launch", lambda launcher, stream, values: calls.append(
@@ -118,3 +122,19 @@ def test_memoized_spec_still_validates():
         fp8._spec(100, 128, "bf16", "fp32", "row")
     with pytest.raises(ValueError, match="num_experts"):
         layout._spec(255, 8, 8)
+
+
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_launcher_calls_the_driver_with_each_streams_handle(cooperative):
+    """The driver call's arguments are made once per stream: each call passes its own stream's
+    handle, the packed buffer's pointer array and (cuLaunchKernel only) a null `extra`."""
+    seen = []
+    found = launch.Launcher(None, "k", (3, 2), 64, "pi", smem=128, cooperative=cooperative)
+    found._driver = lambda *args: seen.append(args) or 0
+    for stream in (0x10, 0x20, 0x10):
+        found(stream, 0xABC, np.int32(5))
+    assert [args[8].value for args in seen] == [0x10, 0x20, 0x10]
+    assert all(args[1:8] == (3, 2, 1, 64, 1, 1, 128) for args in seen)
+    assert all(len(args) == (10 if cooperative else 11) for args in seen)
+    assert all(args[9] is found._params_arg for args in seen)
+    assert found.values() == (0xABC, 5)

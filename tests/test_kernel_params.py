@@ -82,6 +82,21 @@ def test_pack_orders_casts_and_names_mistakes():
         KernelParams("k", "x:int")
 
 
+def test_bind_places_static_values_once_and_dynamic_ones_per_call():
+    p = KernelParams("k", "x n:i32 y seq:u32 off:i64")
+    x = torch.zeros(2)
+    bound = p.bind("y x", n=3, seq=7, off=-5)
+    assert bound(10, 20) == (20, 3, 10, 7, -5)
+    assert bound(11, 21) == (21, 3, 11, 7, -5)   # nothing of the previous call stays
+    assert all(type(v) is int for v in bound(1, 2))  # scalars as plain ints: the Launcher packs them
+    with pytest.raises(TypeError, match="2 per-call values expected, got 1"):
+        bound(1)
+    static = p.bind("y", x=x, n=1, seq=2, off=3)
+    assert static(0)[0] == x.data_ptr()
+    with pytest.raises(TypeError, match=r"missing arguments \['seq'\]"):
+        p.bind("y x", n=3, off=5)
+
+
 # -- every launcher against a recording module ----------------------------------------------------
 class _Recorder:
     def __init__(self):
