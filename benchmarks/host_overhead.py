@@ -131,6 +131,7 @@ def buffer_calls(group) -> dict:
 def pieces(device: str) -> dict:
     """The parts of a fast-path call on their own: what is left of the host time has names."""
     from epkern import fp8
+    from epkern.call_plans import fresh_output
     from epkern.codegen import launch
 
     x = torch.randn(128, 7168, device=device, dtype=torch.bfloat16)
@@ -145,14 +146,16 @@ def pieces(device: str) -> dict:
     from epkern.streams import StreamOrder
 
     order, other = StreamOrder(dev.index or 0), torch.cuda.Stream(dev).cuda_stream
+    new_out = fresh_output((128, 7168), torch.float8_e4m3fn, dev)
     return {
         "signature key + plan lookup": lambda: fp8._cast_plans.get(
             (x.shape, x.stride(), x.dtype, x.get_device(), 128, int, False, bool, False, bool, "row")),
         "torch.empty [128, 7168] fp8": lambda: torch.empty((128, 7168), dtype=torch.float8_e4m3fn, device=dev),
         "torch.empty [128, 56] fp32": lambda: torch.empty((128, 56), dtype=torch.float32, device=dev),
+        "fresh_output [128, 7168] fp8 (the plans' allocation: empty_strided in a partial)": new_out,
         "one torch.empty + two views (instead of two torch.empty)": lambda: _two_views(dev),
         "current_stream_handle": lambda: launch.current_stream_handle(0),
-        "Launcher call (pack + cuLaunchKernel)": lambda: plan.launch(stream, *args),
+        "Launcher call (pack + cuLaunchKernel, the block through extra)": lambda: plan.launch(stream, *args),
         "StreamOrder.wait (cuEventRecord + cuStreamWaitEvent)": lambda: order.wait(other, stream),
         "data_ptr x3": lambda: (x.data_ptr(), out.data_ptr(), scales.data_ptr()),
     }

@@ -28,7 +28,7 @@ import torch
 from epkern.codegen import KernelSpec, check_choice, check_int, get_module
 from epkern.codegen.launch import current_stream_handle
 
-from .call_plans import store
+from .call_plans import fresh_output, store
 from .validate import check_tensor
 
 FP8_MAX = 448.0
@@ -269,7 +269,7 @@ def _store(plans: dict, key, plan) -> None:
 
 class _CastPlan:
     __slots__ = ("device", "dev", "out_shape", "scale_shape", "scale_dtype", "col", "ld", "num_tokens", "stride0",
-                 "launch")
+                 "launch", "new_out", "new_scales")
 
     def __init__(self, spec: Fp8CastSpec, x: torch.Tensor, cols: int, scale_dtype):
         num_tokens, hidden = x.shape
@@ -279,12 +279,14 @@ class _CastPlan:
         self.ld = tma_aligned_rows(num_tokens) if self.col else cols
         self.scale_shape = (cols, self.ld) if self.col else (num_tokens, cols)
         self.stride0 = x.stride(0)
+        self.new_out = fresh_output(self.out_shape, torch.float8_e4m3fn, self.device)
+        self.new_scales = fresh_output(self.scale_shape, scale_dtype, self.device)
         module = get_module(spec, self.dev)
         self.launch = module.launcher("cast", _grid(spec, num_tokens, self.dev), spec.threads, "pqippi")
 
     def __call__(self, x: torch.Tensor):
-        out = torch.empty(self.out_shape, dtype=torch.float8_e4m3fn, device=self.device)
-        scales = torch.empty(self.scale_shape, dtype=self.scale_dtype, device=self.device)
+        out = self.new_out()
+        scales = self.new_scales()
         if self.col:
             scales = scales.t()[: self.num_tokens]
         self.launch(_raw_stream(self.dev), x.data_ptr(), self.stride0, self.num_tokens, out.data_ptr(),
@@ -293,17 +295,18 @@ class _CastPlan:
 
 
 class _CastBackPlan:
-    __slots__ = ("device", "dev", "out_shape", "out_dtype", "ld", "num_tokens", "stride0", "launch")
+    __slots__ = ("device", "dev", "out_shape", "out_dtype", "ld", "num_tokens", "stride0", "launch", "new_out")
 
     def __init__(self, spec: Fp8CastSpec, x_fp8: torch.Tensor, ld: int, out_dtype):
         self.device, self.dev = x_fp8.device, x_fp8.get_device()
         self.out_shape, self.out_dtype, self.ld = tuple(x_fp8.shape), out_dtype, ld
         self.num_tokens, self.stride0 = x_fp8.shape[0], x_fp8.stride(0)
+        self.new_out = fresh_output(self.out_shape, out_dtype, self.device)
         module = get_module(spec, self.dev)
         self.launch = module.launcher("cast_back", _grid(spec, self.num_tokens, self.dev), spec.threads, "pqipip")
 
     def __call__(self, x_fp8: torch.Tensor, scales: torch.Tensor):
-        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        out = self.new_out()
         self.launch(_raw_stream(self.dev), x_fp8.data_ptr(), self.stride0, self.num_tokens, scales.data_ptr(),
                     self.ld, out.data_ptr())
         return out

@@ -11,7 +11,7 @@ from epkern.codegen.launch import current_stream_handle
 from epkern.codegen.scratch import SelfResettingZeros
 
 from . import errors
-from .call_plans import store
+from .call_plans import fresh_output, store
 from .validate import check_positive_int, check_range, check_tensor
 
 MAX_RANKS = 64
@@ -115,11 +115,15 @@ class _Plan:
     input pointer, the fresh outputs and the stream is fixed, so a call is three torch.empty and one
     prepared cuLaunchKernel (codegen.launch.Launcher)."""
 
-    __slots__ = ("spec", "device", "num_tokens", "num_ranks", "num_experts", "launch", "err", "err_any", "_ws")
+    __slots__ = ("spec", "device", "num_tokens", "num_ranks", "num_experts", "launch", "err", "err_any", "_ws",
+                 "new_per_rank", "new_per_expert", "new_in_rank")
 
     def __init__(self, spec: LayoutSpec, device: torch.device, num_tokens: int, level: int):
         self.spec, self.device, self.num_tokens = spec, device, num_tokens
         self.num_ranks, self.num_experts = spec.num_ranks, spec.num_experts
+        self.new_per_rank = fresh_output((self.num_ranks,), torch.int32, device)
+        self.new_per_expert = fresh_output((self.num_experts,), torch.int32, device)
+        self.new_in_rank = fresh_output((num_tokens, self.num_ranks), torch.bool, device)
         grid = max(1, min(MAX_BLOCKS, -(-num_tokens // spec.threads)))
         self.launch = get_module(spec, device.index).launcher("", grid, spec.threads, "pi" + "p" * 7)
         self.err = self.err_any = 0
@@ -129,14 +133,11 @@ class _Plan:
         self._ws: dict = {}
 
     def __call__(self, topk_idx: torch.Tensor):
-        device = self.device
-        per_rank = torch.empty(self.num_ranks, dtype=torch.int32, device=device)
-        per_expert = torch.empty(self.num_experts, dtype=torch.int32, device=device)
-        in_rank = torch.empty((self.num_tokens, self.num_ranks), dtype=torch.bool, device=device)
-        stream = _raw_stream(device.index)
+        per_rank, per_expert, in_rank = self.new_per_rank(), self.new_per_expert(), self.new_in_rank()
+        stream = _raw_stream(self.device.index)
         ws = self._ws.get(stream)
         if ws is None:
-            ws = self._ws[stream] = _Workspace.get(self.spec, device, stream)
+            ws = self._ws[stream] = _Workspace.get(self.spec, self.device, stream)
         ticket = ws._ticket
         if not ticket.trusted:
             ticket.get()

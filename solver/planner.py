@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from epkern import errors
+from epkern.call_plans import fresh_output
 from epkern.codegen.launch import current_stream_handle
 from epkern.validate import check_positive_int, check_range, check_tensor
 
@@ -402,6 +403,9 @@ class _RunPlan:
         self.n_group, self.group_size, self.dups = planner.n_group, planner.group_size, planner.num_redundants
         self.n_fixed = planner.n_local_logical_routed_experts - planner.combined_redundant_experts * planner.num_redundants
         self.n_local_logical = planner.n_local_logical_routed_experts
+        self.new_probs = fresh_output((self.n_group, self.group_size, self.dups), torch.float32, self.device)
+        self.new_global_workload = fresh_output((self.n_group, self.group_size, self.n_local_logical), torch.float32,
+                                                self.device)
         self.state = (planner.phy2log, planner._log2var, planner._log2phy, planner.r2o, planner.o2r, planner._prev_probs)
         self.phy2log_ptr, self.log2var_ptr, self.log2phy_ptr, self.r2o_ptr, self.o2r_ptr, self.prev_ptr = (
             t.data_ptr() for t in self.state)
@@ -411,6 +415,7 @@ class _RunPlan:
         self.fused_launch = None
         if idx is not None:
             self.shape, self.numel = idx.shape, idx.numel()
+            self.new_out = fresh_output(self.shape, torch.int64, self.device)
             spec = map_kernel.MapSpec.for_experts(self.n_logical)
             self.count_launch = map_kernel.launcher(spec, dev, "count", n_sms)
             self.map_launch = map_kernel.launcher(spec, dev, "map", n_sms)
@@ -437,7 +442,7 @@ class _RunPlan:
         b = self.buffers.get(stream) or self._buffers(stream)
         out = b.spare_out
         if out is None:
-            out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
+            out = self.new_out()
         idx_ptr = idx.data_ptr()
         if self.fused_launch is not None:  # one cooperative kernel (solver/run_kernel.py)
             zeros = b.run_zeros
@@ -448,7 +453,7 @@ class _RunPlan:
                               avail_counter.data_ptr(), b.stats_ptr, b.objective_ptr, self.n_group, self.log2var_ptr,
                               self.log2phy_ptr, out.data_ptr(), self.err, self.err_any)
             planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
-            b.spare_out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
+            b.spare_out = self.new_out()
             return out
         if not b.count_state.trusted:
             b.count_state.get()
@@ -460,7 +465,7 @@ class _RunPlan:
         self.map_launch(stream, idx_ptr, self.numel, b.probs_ptr, self.log2var_ptr, self.log2phy_ptr, b.by_sm_ptr,
                         out.data_ptr())
         planner.last_status, planner.last_iterations, planner.last_objective = b.status, b.iterations, b.objective
-        b.spare_out = torch.empty(self.shape, dtype=torch.int64, device=self.device)
+        b.spare_out = self.new_out()
         return out
 
     def solve(self, planner: Planner, workload: torch.Tensor, avail_counter: torch.Tensor):
@@ -475,9 +480,7 @@ class _RunPlan:
         return probs, global_workload
 
     def _solve_outputs(self):
-        dev = self.device
-        return (torch.empty((self.n_group, self.group_size, self.dups), dtype=torch.float32, device=dev),
-                torch.empty((self.n_group, self.group_size, self.n_local_logical), dtype=torch.float32, device=dev))
+        return self.new_probs(), self.new_global_workload()
 
 
 def _fused_launcher(planner: Planner, device: int, n_sms: int):

@@ -142,3 +142,33 @@ def test_run_fast_path_one_kernel():
         assert values[6] == planner.n_local_logical_routed_experts - 2 * planner.combined_redundant_experts
         assert values[12] == counter.data_ptr() and values[15] == planner.n_group == 4
         assert values[16:19] == (planner._log2var.data_ptr(), planner._log2phy.data_ptr(), out.data_ptr())
+
+
+@pytest.mark.gpu
+def test_launcher_block_reaches_the_kernel_and_a_wrong_layout_is_refused():
+    """A kernel whose parameters need padding (int32, then a pointer at offset 8, then a float) gets
+    every value at its offset; codes whose layout differs from the kernel's are refused when made."""
+    from cuda.core import Device, Program, ProgramOptions
+
+    torch.cuda.init()
+    Device(0).set_current()
+    src = ('extern "C" __global__ void k(int n, long long* out, float f, unsigned u)'
+           ' { out[0] = n; out[1] = (long long)(f * 4); out[2] = u; }')
+    code = Program(src, "c++", ProgramOptions(arch="sm_%d%d" % torch.cuda.get_device_capability())).compile("cubin")
+    kernel = code.get_kernel("k").handle
+    out = torch.zeros(3, dtype=torch.int64, device="cuda")
+    Launcher(kernel, "k", 1, 1, "ipfI")(torch.cuda.current_stream().cuda_stream, -7, out.data_ptr(), 2.5, 1 << 31)
+    assert out.tolist() == [-7, 10, 1 << 31]
+    with pytest.raises(LaunchError, match=r"offset, bytes"):
+        Launcher(kernel, "k", 1, 1, "pifI")
+
+
+@pytest.mark.parametrize("shape", [(128, 7168), (0, 56), (4, 0, 3), (8,)])
+def test_fresh_output_is_a_new_contiguous_tensor_each_call(shape):
+    from epkern.call_plans import fresh_output
+
+    new = fresh_output(shape, torch.float8_e4m3fn, torch.device("cpu"))
+    a, b = new(), new()
+    assert a.shape == shape and a.dtype == torch.float8_e4m3fn and a.is_contiguous()
+    assert a.stride() == torch.empty(shape).stride()
+    assert a.numel() == 0 or a.data_ptr() != b.data_ptr()

@@ -18,6 +18,7 @@ import torch
 
 from . import kernels as ik
 from . import rounds as rd
+from ..call_plans import fresh_output
 from .handle import DispatchHandle
 
 PLAN_LIMIT = 256  # signatures kept per direction (a new token or row count is a new signature)
@@ -57,6 +58,8 @@ class CachedDispatchPlan:
         self.x_shape, self.x_dtype = (self.rows, H), x.dtype
         self.scale_shape = (self.rows, scales.shape[1]) if fp8 else None
         self.scale_dtype = scales.dtype if fp8 else None
+        self.new_x = fresh_output(self.x_shape, self.x_dtype, self.device)
+        self.new_scales = fresh_output(self.scale_shape, self.scale_dtype, self.device) if fp8 else None
         spec = ik.dispatch_spec(backend.num_ranks, width, 0, fp8, num_sms)
         self.launch, self.args = _launchers(
             backend, spec, "dispatch", ik.DISPATCH_PARAMS,
@@ -75,10 +78,8 @@ class CachedDispatchPlan:
         return x.shape[1] % 128 == 0 and scales.shape[1] == x.shape[1] // 128 and scales.is_contiguous()
 
     def __call__(self, stream: int, x: torch.Tensor, scales: torch.Tensor | None, handle: DispatchHandle):
-        recv_x = torch.empty(self.x_shape, dtype=self.x_dtype, device=self.device)
-        recv_scales = None
-        if self.scale_shape is not None:
-            recv_scales = torch.empty(self.scale_shape, dtype=self.scale_dtype, device=self.device)
+        recv_x = self.new_x()
+        recv_scales = None if self.new_scales is None else self.new_scales()
         x_ptr, s_ptr = x.data_ptr(), 0 if scales is None else scales.data_ptr()
         prefix, head, out = handle[0].data_ptr(), handle[5].data_ptr(), recv_x.data_ptr()
         out_s = 0 if recv_scales is None else recv_scales.data_ptr()
@@ -99,6 +100,8 @@ class CombinePlan:
         self.backend, self.device = backend, x.device
         self.out_shape, self.weights_shape = (T, H), ((T, K) if K else None)
         self.num_biases = len(biases)
+        self.new_out = fresh_output(self.out_shape, torch.bfloat16, self.device)
+        self.new_weights = fresh_output(self.weights_shape, torch.float32, self.device) if K else None
         spec = ik.combine_spec(R, H, K, num_sms)
         self.launch, self.args = _launchers(
             backend, spec, "combine", ik.COMBINE_PARAMS,
@@ -107,10 +110,8 @@ class CombinePlan:
             num_rounds=self.rounds.num_rounds, window=self.rounds.window)
 
     def __call__(self, stream: int, x: torch.Tensor, handle: DispatchHandle, topk_weights, biases: tuple):
-        combined = torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device)
-        weights = None
-        if self.weights_shape is not None:
-            weights = torch.empty(self.weights_shape, dtype=torch.float32, device=self.device)
+        combined = self.new_out()
+        weights = None if self.new_weights is None else self.new_weights()
         b0 = biases[0].data_ptr() if self.num_biases > 0 else 0
         b1 = biases[1].data_ptr() if self.num_biases > 1 else 0
         pointers = (x.data_ptr(), 0 if topk_weights is None else topk_weights.data_ptr(), handle[3].data_ptr(),
