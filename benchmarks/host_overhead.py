@@ -155,7 +155,7 @@ def pieces(device: str) -> dict:
         "fresh_output [128, 7168] fp8 (the plans' allocation: empty_strided in a partial)": new_out,
         "one torch.empty + two views (instead of two torch.empty)": lambda: _two_views(dev),
         "current_stream_handle": lambda: launch.current_stream_handle(0),
-        "Launcher call (pack + cuLaunchKernel, the block through extra)": lambda: plan.launch(stream, *args),
+        "Launcher call (pack + cuLaunchKernel)": lambda: plan.launch(stream, *args),
         "StreamOrder.wait (cuEventRecord + cuStreamWaitEvent)": lambda: order.wait(other, stream),
         "data_ptr x3": lambda: (x.data_ptr(), out.data_ptr(), scales.data_ptr()),
     }

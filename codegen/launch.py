@@ -208,43 +208,14 @@ class KernelParams:
 # ---- the fast launch: one prepared cuLaunchKernel per call signature ---------------------------------
 # cuda.core's launch re-reads the config and converts every argument on each call (~4 us on an H200
 # host). A Launcher does that work once: it holds the kernel's CUfunction, the grid, block and shared
-# memory, and the kernel's parameter block as a buffer; a call writes the values (pointers, sizes) into
-# it with one struct.pack_into and calls cuLaunchKernel (codegen.driver_calls: the driver's entry point
-# through ctypes, the stream as a cached pointer). The block goes to the driver whole, through `extra`
-# (CU_LAUNCH_PARAM_BUFFER_POINTER): on an H100 host that launch took 1.8 us of host time where the
-# same buffer passed as kernelParams (a pointer per parameter, each copied by its size) took 3.3 us
-# (benchmarks/results/host_overhead.json, pieces). cuLaunchCooperativeKernel has no `extra`: cooperative
-# launches pass kernelParams into the same buffer.
-# Argument codes, one per kernel parameter, laid out as the CUDA ABI lays out the parameter block
-# (each at an offset aligned to its size; checked against cuFuncGetParamInfo where the driver has it):
+# memory, and an argument buffer whose void* array the driver reads; a call writes the values that
+# change (pointers, sizes) into the buffer with one struct.pack_into and calls cuLaunchKernel
+# (codegen.driver_calls: the driver's entry point through ctypes, the stream as a cached pointer).
+# Argument codes, one per kernel parameter, each in an 8-byte slot:
 #   'p' a pointer (an int: tensor.data_ptr(), 0 for NULL), 'q' int64, 'i' int32, 'I' uint32, 'f' float32.
-CODE_FORMATS = {"p": "Q", "q": "q", "i": "i", "I": "I", "f": "f"}
-_CODE_SIZES = {"p": 8, "q": 8, "i": 4, "I": 4, "f": 4}
-_LAUNCH_PARAM_END, _LAUNCH_PARAM_BUFFER_POINTER, _LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2  # cuda.h's CU_LAUNCH_PARAM_*
+_SLOT_FORMATS = {"p": "Q", "q": "q", "i": "i4x", "I": "I4x", "f": "f4x"}
 _STREAMS_PER_LAUNCHER = 64  # argument tuples a Launcher keeps, one per raw stream handle
 _driver_launch = None  # test hook: set_launch_hook replaces the driver call with a Python callable
-
-
-def param_layout(codes: str) -> tuple[tuple[int, ...], int]:
-    """(each parameter's offset in the kernel's parameter block, the block's size) for these codes."""
-    offsets, end = [], 0
-    for c in codes:
-        size = _CODE_SIZES[c]
-        end = -(-end // size) * size
-        offsets.append(end)
-        end += size
-    return tuple(offsets), end
-
-
-def _block_format(codes: str, offsets: tuple) -> str:
-    """The struct format (little-endian, explicit padding) that writes the values at their offsets."""
-    parts, end = ["<"], 0
-    for c, offset in zip(codes, offsets):
-        if offset > end:
-            parts.append(f"{offset - end}x")
-        parts.append(CODE_FORMATS[c])
-        end = offset + _CODE_SIZES[c]
-    return "".join(parts)
 
 
 def set_launch_hook(hook):
@@ -263,8 +234,8 @@ class Launcher:
     arguments before cuLaunchKernel returns). Nothing here allocates, syncs or reads the GPU, so a
     Launcher works the same during CUDA-graph capture."""
 
-    __slots__ = ("name", "codes", "grid", "block", "smem", "cooperative", "device", "offsets", "_fn", "_buf",
-                 "_format", "_size", "_params", "_extra", "_pack", "_lock", "_head", "_tail", "_driver", "_calls")
+    __slots__ = ("name", "codes", "grid", "block", "smem", "cooperative", "device", "_fn", "_buf", "_params",
+                 "_params_arg", "_pack", "_lock", "_head", "_driver", "_calls")
 
     def __init__(self, kernel_handle, name: str, grid, block, codes: str, smem: int = 0,
                  cooperative: bool = False, device: int = 0):
@@ -272,27 +243,19 @@ class Launcher:
         import struct
         import threading
 
-        bad = set(codes) - set(CODE_FORMATS)
+        bad = set(codes) - set(_SLOT_FORMATS)
         if bad:
-            raise ValueError(f"{name}: argument codes {sorted(bad)} are not among {sorted(CODE_FORMATS)}")
+            raise ValueError(f"{name}: argument codes {sorted(bad)} are not among {sorted(_SLOT_FORMATS)}")
         grid = (grid, 1, 1) if isinstance(grid, int) else tuple(grid) + (1,) * (3 - len(grid))
         block = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
         self.name, self.codes, self.grid, self.block = name, codes, grid, block
         self.smem, self.cooperative, self.device = smem, cooperative, device
-        self.offsets, size = param_layout(codes)
-        self._format = _block_format(codes, self.offsets)
-        self._pack = struct.Struct(self._format).pack_into
-        self._buf = ctypes.create_string_buffer(max(8, size))
+        self._pack = struct.Struct("<" + "".join(_SLOT_FORMATS[c] for c in codes)).pack_into
+        n = max(1, len(codes))
+        self._buf = ctypes.create_string_buffer(8 * n)
         base = ctypes.addressof(self._buf)
-        self._size = ctypes.c_size_t(size)
-        self._params = (ctypes.c_void_p * max(1, len(codes)))(*[base + o for o in self.offsets])
-        self._extra = (ctypes.c_void_p * 5)(_LAUNCH_PARAM_BUFFER_POINTER, base, _LAUNCH_PARAM_BUFFER_SIZE,
-                                            ctypes.addressof(self._size), _LAUNCH_PARAM_END)
-        # after the stream: (kernelParams, extra) of cuLaunchKernel, (kernelParams,) of the cooperative launch
-        if cooperative:
-            self._tail = (driver_calls.pointer(ctypes.addressof(self._params) if codes else 0),)
-        else:
-            self._tail = (None, driver_calls.pointer(ctypes.addressof(self._extra) if codes else 0))
+        self._params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        self._params_arg = driver_calls.pointer(ctypes.addressof(self._params) if codes else 0)
         self._lock = threading.Lock()
         self._calls: dict = {}  # raw stream handle -> the driver call's whole argument tuple
         self._fn = self._driver = None
@@ -301,7 +264,7 @@ class Launcher:
             from cuda.bindings import driver
 
             self._fn = as_function(kernel_handle)
-            _check_param_layout(driver, self._fn, name, codes, self.offsets)
+            _check_param_sizes(driver, self._fn, name, codes)
             self._head = (driver_calls.pointer(int(self._fn)),) + self._head[1:]
             self._driver = driver_calls.entry("cuLaunchCooperativeKernel" if cooperative else "cuLaunchKernel")
 
@@ -322,10 +285,14 @@ class Launcher:
             self._failed(err, stream, values)
 
     def _call_args(self, stream: int) -> tuple:
-        """The driver call's arguments on this stream, made once per stream."""
+        """The driver call's arguments on this stream, made once per stream: cuLaunchKernel (extra = NULL)
+        or cuLaunchCooperativeKernel with the packed buffer."""
         if len(self._calls) >= _STREAMS_PER_LAUNCHER:  # a caller making streams in a loop
             self._calls.clear()
-        args = self._calls[stream] = self._head + (driver_calls.stream_arg(stream),) + self._tail
+        args = self._head + (driver_calls.stream_arg(stream), self._params_arg)
+        if not self.cooperative:
+            args += (None,)
+        self._calls[stream] = args
         return args
 
     def _enqueue(self, stream: int) -> int:
@@ -350,11 +317,14 @@ class Launcher:
         """The argument values of the last call (for tests)."""
         import struct
 
-        return struct.unpack_from(self._format, self._buf, 0)
+        return struct.unpack_from("<" + "".join(_SLOT_FORMATS[c] for c in self.codes), self._buf, 0)
 
 
 class LaunchError(RuntimeError):
     pass
+
+
+_CODE_SIZES = {"p": 8, "q": 8, "i": 4, "I": 4, "f": 4}
 
 
 def as_function(handle):
@@ -371,22 +341,24 @@ def as_function(handle):
     return handle if isinstance(handle, driver.CUfunction) else driver.CUfunction(int(handle))
 
 
-def _check_param_layout(driver, handle, name: str, codes: str, offsets: tuple) -> None:
-    """Compare the codes' parameter block with the kernel's own (cuFuncGetParamInfo, CUDA 12.4+; skipped
-    where the driver has none): a wrong count, size or offset would otherwise launch with garbage arguments."""
+def _check_param_sizes(driver, handle, name: str, codes: str) -> None:
+    """Compare the codes with the kernel's own parameter list (cuFuncGetParamInfo, CUDA 12.4+; skipped
+    where the driver has none): a wrong count or size would otherwise launch with garbage arguments."""
     get = driver.cuFuncGetParamInfo
-    found = []
+    sizes = []
     for i in range(len(codes) + 1):
         try:
-            err, offset, size = get(handle, i)
+            err, _offset, size = get(handle, i)
         except Exception:  # an older driver or bindings: nothing to compare with
             return
         if err != driver.CUresult.CUDA_SUCCESS:
             break
-        found.append((int(offset), int(size)))
-    if not found and codes:
+        sizes.append(int(size))
+    if not sizes and codes:
         return  # the query failed outright: nothing to compare with
-    want = [(o, _CODE_SIZES[c]) for c, o in zip(codes, offsets)]
-    if found != want:
-        raise LaunchError(f"{name}: the kernel's parameters (offset, bytes) are {found}, the launcher's codes "
-                          f"{codes!r} give {want}")
+    want = [_CODE_SIZES[c] for c in codes]
+    if sizes != want:
+        raise LaunchError(f"{name}: the kernel takes parameters of {sizes} bytes, the launcher's codes {codes!r} "
+                          f"give {want}")
+
+

@@ -145,9 +145,9 @@ def test_run_fast_path_one_kernel():
 
 
 @pytest.mark.gpu
-def test_launcher_block_reaches_the_kernel_and_a_wrong_layout_is_refused():
-    """A kernel whose parameters need padding (int32, then a pointer at offset 8, then a float) gets
-    every value at its offset; codes whose layout differs from the kernel's are refused when made."""
+def test_launcher_values_reach_the_kernel_and_a_wrong_size_is_refused():
+    """Every value of a mixed parameter list (int32, pointer, float, uint32) reaches the kernel; codes
+    whose sizes differ from the kernel's parameters are refused when the Launcher is made."""
     from cuda.core import Device, Program, ProgramOptions
 
     torch.cuda.init()
@@ -159,7 +159,7 @@ def test_launcher_block_reaches_the_kernel_and_a_wrong_layout_is_refused():
     out = torch.zeros(3, dtype=torch.int64, device="cuda")
     Launcher(kernel, "k", 1, 1, "ipfI")(torch.cuda.current_stream().cuda_stream, -7, out.data_ptr(), 2.5, 1 << 31)
     assert out.tolist() == [-7, 10, 1 << 31]
-    with pytest.raises(LaunchError, match=r"offset, bytes"):
+    with pytest.raises(LaunchError, match="takes parameters of"):
         Launcher(kernel, "k", 1, 1, "pifI")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from epkern.codegen import KernelParams
-from epkern.codegen.launch import CODE_FORMATS, launch_values
+from epkern.codegen.launch import _SLOT_FORMATS, launch_values
 from epkern.low_latency import kernels as llk
 from epkern.normal import kernels as ik
 
@@ -125,7 +125,7 @@ def _check(rec, params_by_entry):
             codes, values = args
             assert codes == p.codes and len(values) == len(p.names)
             # every value fits its slot as the Launcher packs it (pointers as ints, scalars of their C type)
-            struct.pack("<" + "".join(CODE_FORMATS[c] for c in codes), *values)
+            struct.pack("<" + "".join(_SLOT_FORMATS[c] for c in codes), *values)
         else:
             assert len(args) == len(p.names)
             launch_values(args)   # no untyped Python scalar reaches the launch
