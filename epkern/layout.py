@@ -112,7 +112,7 @@ class _Workspace:
 
 class _Plan:
     """The launch of one call signature (shape, strides, device, E, R, check level): everything but the
-    input pointer, the fresh outputs and the stream is fixed, so a call is three torch.empty and one
+    input pointer, the fresh outputs and the stream is fixed, so a call is three fresh outputs and one
     prepared cuLaunchKernel (codegen.launch.Launcher)."""
 
     __slots__ = ("spec", "device", "num_tokens", "num_ranks", "num_experts", "launch", "err", "err_any", "_ws",
