@@ -268,19 +268,17 @@ def _store(plans: dict, key, plan) -> None:
 
 
 class _CastPlan:
-    __slots__ = ("device", "dev", "out_shape", "scale_shape", "scale_dtype", "col", "ld", "num_tokens", "stride0",
-                 "launch", "new_out", "new_scales")
+    __slots__ = ("device", "dev", "col", "ld", "num_tokens", "stride0", "launch", "new_out", "new_scales")
 
     def __init__(self, spec: Fp8CastSpec, x: torch.Tensor, cols: int, scale_dtype):
         num_tokens, hidden = x.shape
         self.device, self.dev = x.device, x.get_device()
-        self.out_shape, self.num_tokens, self.scale_dtype = (num_tokens, hidden), num_tokens, scale_dtype
+        self.num_tokens = num_tokens
         self.col = spec.scale_layout == "col"
         self.ld = tma_aligned_rows(num_tokens) if self.col else cols
-        self.scale_shape = (cols, self.ld) if self.col else (num_tokens, cols)
         self.stride0 = x.stride(0)
-        self.new_out = fresh_output(self.out_shape, torch.float8_e4m3fn, self.device)
-        self.new_scales = fresh_output(self.scale_shape, scale_dtype, self.device)
+        self.new_out = fresh_output((num_tokens, hidden), torch.float8_e4m3fn, self.device)
+        self.new_scales = fresh_output((cols, self.ld) if self.col else (num_tokens, cols), scale_dtype, self.device)
         module = get_module(spec, self.dev)
         self.launch = module.launcher("cast", _grid(spec, num_tokens, self.dev), spec.threads, "pqippi")
 
@@ -295,13 +293,13 @@ class _CastPlan:
 
 
 class _CastBackPlan:
-    __slots__ = ("device", "dev", "out_shape", "out_dtype", "ld", "num_tokens", "stride0", "launch", "new_out")
+    __slots__ = ("device", "dev", "ld", "num_tokens", "stride0", "launch", "new_out")
 
     def __init__(self, spec: Fp8CastSpec, x_fp8: torch.Tensor, ld: int, out_dtype):
         self.device, self.dev = x_fp8.device, x_fp8.get_device()
-        self.out_shape, self.out_dtype, self.ld = tuple(x_fp8.shape), out_dtype, ld
+        self.ld = ld
         self.num_tokens, self.stride0 = x_fp8.shape[0], x_fp8.stride(0)
-        self.new_out = fresh_output(self.out_shape, out_dtype, self.device)
+        self.new_out = fresh_output(x_fp8.shape, out_dtype, self.device)
         module = get_module(spec, self.dev)
         self.launch = module.launcher("cast_back", _grid(spec, self.num_tokens, self.dev), spec.threads, "pqipip")
 

@@ -414,8 +414,8 @@ class _RunPlan:
         self.n_sms = n_sms
         self.fused_launch = None
         if idx is not None:
-            self.shape, self.numel = idx.shape, idx.numel()
-            self.new_out = fresh_output(self.shape, torch.int64, self.device)
+            self.numel = idx.numel()
+            self.new_out = fresh_output(idx.shape, torch.int64, self.device)
             spec = map_kernel.MapSpec.for_experts(self.n_logical)
             self.count_launch = map_kernel.launcher(spec, dev, "count", n_sms)
             self.map_launch = map_kernel.launcher(spec, dev, "map", n_sms)

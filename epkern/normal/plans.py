@@ -55,11 +55,8 @@ class CachedDispatchPlan:
         self.rounds = rd.dispatch_plan(handle.max_remote_rows, capacity)
         self.rows = handle.num_recv_rows
         self.backend, self.device = backend, x.device
-        self.x_shape, self.x_dtype = (self.rows, H), x.dtype
-        self.scale_shape = (self.rows, scales.shape[1]) if fp8 else None
-        self.scale_dtype = scales.dtype if fp8 else None
-        self.new_x = fresh_output(self.x_shape, self.x_dtype, self.device)
-        self.new_scales = fresh_output(self.scale_shape, self.scale_dtype, self.device) if fp8 else None
+        self.new_x = fresh_output((self.rows, H), x.dtype, self.device)
+        self.new_scales = fresh_output((self.rows, scales.shape[1]), scales.dtype, self.device) if fp8 else None
         spec = ik.dispatch_spec(backend.num_ranks, width, 0, fp8, num_sms)
         self.launch, self.args = _launchers(
             backend, spec, "dispatch", ik.DISPATCH_PARAMS,
@@ -98,10 +95,9 @@ class CombinePlan:
         capacity = backend.layout.slot_capacity(ik.combine_slot_bytes(H, K))
         self.rounds = rd.combine_plan(handle.max_tokens, capacity, R)
         self.backend, self.device = backend, x.device
-        self.out_shape, self.weights_shape = (T, H), ((T, K) if K else None)
         self.num_biases = len(biases)
-        self.new_out = fresh_output(self.out_shape, torch.bfloat16, self.device)
-        self.new_weights = fresh_output(self.weights_shape, torch.float32, self.device) if K else None
+        self.new_out = fresh_output((T, H), torch.bfloat16, self.device)
+        self.new_weights = fresh_output((T, K), torch.float32, self.device) if K else None
         spec = ik.combine_spec(R, H, K, num_sms)
         self.launch, self.args = _launchers(
             backend, spec, "combine", ik.COMBINE_PARAMS,
