@@ -26,6 +26,23 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+_environ_data = getattr(os.environ, "_data", None)  # os.environ's own dict (POSIX: bytes keys and values)
+_encoded_keys: dict = {}
+
+
+def raw_env(name: str):
+    """os.environ's raw value of `name` (bytes on POSIX; None when unset), for knobs read on every eager
+    call: a lookup in os.environ's own dict skips the str <-> bytes work of os.environ.get (0.8 of
+    a Buffer call's 6.6 us of Python on the CPU machine). Follows os.environ's changes, which write
+    that dict. Falls back to os.environ.get where os.environ has no such dict."""
+    if _environ_data is None:
+        return os.environ.get(name)
+    key = _encoded_keys.get(name)
+    if key is None:
+        key = _encoded_keys[name] = os.environ.encodekey(name)
+    return _environ_data.get(key)
+
+
 def env_bool(name: str, default: bool) -> bool:
     return _parse_bool(name, os.environ.get(name), default)
 

@@ -28,9 +28,6 @@ from epkern.codegen import knobs
 
 MAX_SITES = 64
 WORDS_PER_SITE = 4  # count, bad value low / high 32 bits, unused
-_ENV_KEY = "EPKERN_CHECK_VALUES"
-_environ_data = getattr(os.environ, "_data", None)  # os.environ's own dict: a lookup without str <-> bytes work
-_ENV_KEY_ENCODED = os.environ.encodekey(_ENV_KEY) if hasattr(os.environ, "encodekey") else None
 
 
 class DeviceCheckError(ValueError):
@@ -39,15 +36,13 @@ class DeviceCheckError(ValueError):
 
 def check_level() -> int:
     """EPKERN_CHECK_VALUES as 0, 1 or 2 (codegen.knobs.check_level), read cheaply on every call."""
-    if _environ_data is not None and _ENV_KEY_ENCODED is not None:
-        raw = _environ_data.get(_ENV_KEY_ENCODED)
-        level = _levels.get(raw)
-        if level is None:  # parsed once per raw value; a bad value raises every time (never stored)
-            level = knobs.parse_check_level(None if raw is None else os.environ.decodevalue(raw))
-            if len(_levels) < 64:
-                _levels[raw] = level
-        return level
-    return knobs.check_level()
+    raw = knobs.raw_env("EPKERN_CHECK_VALUES")
+    level = _levels.get(raw)
+    if level is None:  # parsed once per raw value; a bad value raises every time (never stored)
+        level = knobs.parse_check_level(raw if raw is None or isinstance(raw, str) else os.environ.decodevalue(raw))
+        if len(_levels) < 64:
+            _levels[raw] = level
+    return level
 
 
 _levels: dict = {}

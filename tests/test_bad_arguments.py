@@ -26,6 +26,22 @@ def test_good_peer_timeout_knob(monkeypatch):
     assert knobs.peer_timeout_s() == 0.5
 
 
+def test_knobs_read_on_every_call_follow_the_environment(monkeypatch):
+    """raw_env (EPKERN_CHECK_VALUES, EPKERN_TUNED_CONFIG on the per-call paths) sees every change."""
+    from epkern.errors import check_level
+
+    monkeypatch.delenv("EPKERN_CHECK_VALUES", raising=False)
+    assert knobs.raw_env("EPKERN_CHECK_VALUES") is None and check_level() == 1
+    for raw, level in (("0", 0), ("2", 2), (" 1 ", 1)):
+        monkeypatch.setenv("EPKERN_CHECK_VALUES", raw)
+        assert knobs.raw_env("EPKERN_CHECK_VALUES") in (raw, os.fsencode(raw)) and check_level() == level
+    monkeypatch.setenv("EPKERN_CHECK_VALUES", "3")
+    with pytest.raises(ValueError, match="EPKERN_CHECK_VALUES='3'"):
+        check_level()
+    monkeypatch.delenv("EPKERN_CHECK_VALUES")
+    assert check_level() == 1
+
+
 @pytest.fixture(scope="module")
 def world_of_one():
     with tempfile.TemporaryDirectory() as tmp:
