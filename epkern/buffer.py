@@ -25,12 +25,12 @@ the peer buffers up), else torch.
 """
 from __future__ import annotations
 
-import os
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
+from epkern.codegen.knobs import raw_env
 from epkern.codegen.launch import current_stream_handle
 
 from .call_plans import signature, store
@@ -44,7 +44,6 @@ from .normal.handle import check_handle
 from .normal.torch_backend import TorchBackend
 from .validate import check_positive_int, check_range, check_tensor
 
-_environ_get = os.environ.get
 topk_idx_t = torch.int64  # DeepEP's dtype of topk_idx (deep_ep.topk_idx_t)
 
 class Config:
@@ -204,6 +203,10 @@ class Buffer:
             self._device_index = torch.cuda.current_device()
             self._comm_handle = self._comm_stream.cuda_stream
             self._order = StreamOrder(self._device_index)
+            # a stream whose new work runs after every communication kernel this buffer issued: the
+            # communication stream, or the current stream an eager synchronous call last waited on (the
+            # next synchronous call from that stream launches there, without the two stream waits)
+            self._comm_tail = self._comm_handle
 
     def _group_on_cuda(self) -> bool:
         try:
@@ -292,7 +295,7 @@ class Buffer:
     def _default_config(self, kernel: str) -> Config:
         """The config a call without one uses: get_*_config's, kept per Buffer.num_sms while no
         EPKERN_TUNED_CONFIG is set (only read here; the public getters return a fresh Config each time)."""
-        tuned = _environ_get("EPKERN_TUNED_CONFIG")
+        tuned = raw_env("EPKERN_TUNED_CONFIG")
         key = (kernel, Buffer.num_sms)
         config = None if tuned else self._configs.get(key)  # a tuned file: tuning's own cache follows its edits
         if config is None:
@@ -367,6 +370,8 @@ class Buffer:
             return result, (EventOverlap(EventHandle()) if async_finish else EventOverlap(None))
         compute = torch.cuda.current_stream()
         comm = self._comm_stream
+        if self._stream_calls:
+            self._order_after_tail(compute.cuda_stream, previous_event is None)
         waited = cuda_event(previous_event.event) if previous_event is not None else None
         if waited is not None:
             comm.wait_event(waited)
@@ -384,6 +389,8 @@ class Buffer:
                 t.record_stream(comm)
             return result, EventOverlap.record(comm, extra_tensors=cuda_inputs + outputs)
         compute.wait_stream(comm)
+        if self._stream_calls and not self._order.is_capturing(compute.cuda_stream):
+            self._comm_tail = compute.cuda_stream
         return result, EventOverlap(None)
 
     def _launch(self, fn, inputs: tuple, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
@@ -394,8 +401,13 @@ class Buffer:
         recorded on the communication stream (and outputs made there on the current one)."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as in DeepEP)")
-        order, comm = self._order, self._comm_handle
         compute = current_stream_handle(self._device_index)
+        if compute == self._comm_tail and previous_event is None and not async_finish:
+            # everything earlier is ordered before this stream's new work: DeepEP's wait, launch on the
+            # communication stream and wait back would order this call exactly as launching here does
+            return fn(compute), EventOverlap(None)
+        order, comm = self._order, self._comm_handle
+        self._order_after_tail(compute, previous_event is None)
         if previous_event is not None:
             order.wait_event(comm, cuda_event(previous_event.event))
         else:
@@ -407,7 +419,9 @@ class Buffer:
                 result = fn(comm)
         if not async_finish:
             order.wait(compute, comm)
+            self._comm_tail = comm if order.is_capturing(compute) else compute
             return result, EventOverlap(None)
+        self._comm_tail = comm
         outputs = tuple(t for t in _tensors(result) if t.is_cuda)
         cuda_inputs = tuple(t for t in _tensors(inputs) if t.is_cuda)
         current = torch.cuda.current_stream()
@@ -417,6 +431,15 @@ class Buffer:
             for t in outputs:
                 t.record_stream(current)
         return result, EventOverlap.record(self._comm_stream, extra_tensors=cuda_inputs + outputs)
+
+    def _order_after_tail(self, compute: int, waits_on_compute: bool) -> None:
+        """Before a launch on the communication stream: order it after the stream a synchronous call last
+        launched on directly, unless the call's own wait on the current stream does. Enqueued before that
+        wait, so that during a capture it is an eager wait (the tail is never a capturing stream)."""
+        tail = self._comm_tail
+        if tail != self._comm_handle and not (waits_on_compute and tail == compute):
+            self._order.wait(self._comm_handle, tail)
+        self._comm_tail = self._comm_handle
 
     # -- layout ---------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
@@ -432,6 +455,10 @@ class Buffer:
                 per_node = in_rank.view(in_rank.shape[0], self.num_nodes, -1).any(2).sum(0, dtype=torch.int32)
             return per_rank, per_node, per_expert, in_rank
 
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # a local kernel (no peer memory): on the current stream it is ordered exactly as DeepEP's wait,
+            # launch on the communication stream and wait back order it, without the two waits
+            return layout() + (EventOverlap(None),)
         (per_rank, per_node, per_expert, in_rank), event = self._run(layout, (topk_idx,), previous_event,
                                                                      async_finish, allocate_on_comm_stream)
         return per_rank, per_node, per_expert, in_rank, event

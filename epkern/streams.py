@@ -9,6 +9,7 @@ Works the same under CUDA-graph capture (record and wait become the graph's depe
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 
 from epkern.codegen import driver_calls
@@ -28,6 +29,9 @@ class StreamOrder:
         _check(int(err), "cuEventCreate")
         self._event_arg = driver_calls.pointer(int(self._event))
         self._record, self._wait = driver_calls.entry("cuEventRecord"), driver_calls.entry("cuStreamWaitEvent")
+        self._is_capturing = driver_calls.entry("cuStreamIsCapturing")
+        self._capture_status = ctypes.c_int(0)
+        self._capture_status_arg = ctypes.byref(self._capture_status)
         self._lock = threading.Lock()
 
     def wait(self, waiter: int, signaler: int) -> None:
@@ -42,6 +46,12 @@ class StreamOrder:
         if not handle:  # never recorded: nothing to wait for (as torch's wait_event)
             return
         _check(self._wait(driver_calls.stream_arg(waiter), driver_calls.pointer(handle), 0), "cuStreamWaitEvent")
+
+    def is_capturing(self, stream: int) -> bool:
+        """Whether work enqueued on the stream now goes into a CUDA graph being captured."""
+        with self._lock:
+            _check(self._is_capturing(driver_calls.stream_arg(stream), self._capture_status_arg), "cuStreamIsCapturing")
+            return self._capture_status.value != 0  # CU_STREAM_CAPTURE_STATUS_NONE
 
     def close(self) -> None:
         from cuda.bindings import driver

@@ -112,6 +112,28 @@ def check_case(buffer, rank, num_ranks, tokens, num_experts, seed, expect_rounds
     assert torch.equal(recv_fp8.view(torch.uint8), ref_fp8.view(torch.uint8)), f"{label}: cached FP8 rows"
     assert torch.equal(recv_scales, ref_scales), f"{label}: cached FP8 scales"
 
+    # the same cached calls from a side stream, asynchronously, and back on the current stream, where
+    # repeated synchronous calls launch directly (Buffer._launch's stream tail): each sees its rows
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    for step in ("side", "async", "main", "main again", "side again", "main"):
+        if step.startswith("side"):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                (got, got_scales), *_ = buffer.dispatch(cast_fp8(x), handle=handle, config=B.Config(24))
+                got_combined, _, _ = buffer.combine(recv_x, handle, config=B.Config(24))
+            main.wait_stream(side)
+        elif step == "async":
+            (got, got_scales), *_, event = buffer.dispatch(cast_fp8(x), handle=handle, config=B.Config(24),
+                                                           async_finish=True)
+            event.current_stream_wait()
+            got_combined, _, _ = buffer.combine(recv_x, handle, config=B.Config(24))
+        else:
+            (got, got_scales), *_ = buffer.dispatch(cast_fp8(x), handle=handle, config=B.Config(24))
+            got_combined, _, _ = buffer.combine(recv_x, handle, config=B.Config(24))
+        assert torch.equal(got.view(torch.uint8), ref_fp8.view(torch.uint8)), f"{label}: {step}: cached FP8 rows"
+        assert torch.equal(got_scales, ref_scales), f"{label}: {step}: cached FP8 scales"
+        assert torch.equal(got_combined.float(), (x * reached).to(torch.bfloat16).float()), f"{label}: {step}: combine"
+
     # padded dispatch: no host sync, rounds planned from num_worst_tokens
     worst = max(1, sum(tokens))   # (0 would mean no padding)
     recv_x, recv_idx, _, counts, worst_handle, _ = buffer.dispatch(
