@@ -125,6 +125,10 @@ def buffer_calls(group) -> dict:
             lambda: buffer.low_latency_dispatch(x, topk_idx, tokens, experts, use_fp8=True), config),
         "low_latency_combine 128x7168 EP1": (
             lambda: buffer.low_latency_combine(ll_out, topk_idx, weights, ll_handle), config),
+        # Megatron's and the hook scheduler's way: an event in, the result's event out (DeepEP's stream order)
+        "Buffer.dispatch 128x7168 cached handle EP1, previous_event + async_finish": (
+            lambda: buffer.dispatch(x, handle=handle, previous_event=buffer.capture(), async_finish=True), config),
+        "Buffer.get_dispatch_layout 128x8 E256 EP1": (lambda: buffer.get_dispatch_layout(topk_idx, experts), config),
     }
 
 
