@@ -107,7 +107,7 @@ def test_run_fast_path_launches_count_solve_map():
 
     calls = []
     with cpu_stub(calls, fused=False):
-        planner = Planner(cube_8p2e(), 256 + 16, 256, 8)
+        planner = Planner(cube_8p2e(), 256 + 16, 256, 8, device="cpu")
         idx, counter = torch.randint(0, 256, (512, 8)), torch.zeros(1, dtype=torch.int32)
         plan = seed_run(planner, idx, counter, n_sms=16)
         out = planner.run(idx, counter)
@@ -131,7 +131,7 @@ def test_run_fast_path_one_kernel():
 
     calls = []
     with cpu_stub(calls, fused=True):
-        planner = Planner(cube_8p2e(), 256 + 64, 256, 32)
+        planner = Planner(cube_8p2e(), 256 + 64, 256, 32, device="cpu")
         idx, counter = torch.randint(0, 256, (512, 8)), torch.zeros(1, dtype=torch.int32)
         plan = seed_run(planner, idx, counter, n_sms=16)
         out = planner.run(idx, counter)
