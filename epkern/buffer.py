@@ -15,7 +15,9 @@ num_worst_tokens pads outputs and skips the host sync. x is any dtype whose row 
 bytes, or (1-byte rows, fp32 or int32 scales of any strides) (see epkern.normal.payload). Work runs
 on a dedicated communication stream: it waits for `previous_event` (or the current stream); with
 async_finish the returned EventOverlap tracks it, otherwise the current stream waits for it before
-the call returns.
+the call returns. A synchronous call (no event, no async_finish) from the stream the previous
+synchronous call returned on launches there instead: the same order without the two stream waits
+(Buffer._launch). A synchronous get_dispatch_layout runs on the current stream (no peer memory).
 
 Backends (the NormalBackend protocol below): "nvlink" (CUDA-IPC peer buffers, JIT kernels; all
 ranks on one node), "torch" (all_to_all_single; any process group, CPU/gloo included), "auto":
@@ -398,7 +400,8 @@ class Buffer:
         DeepEP's order by raw stream handles (epkern.streams). fn(stream) launches on the raw
         communication stream and allocates on the current stream (on the communication stream with
         allocate_on_comm_stream), as DeepEP does; with async_finish every input and output is
-        recorded on the communication stream (and outputs made there on the current one)."""
+        recorded on the communication stream (and outputs made there on the current one). A
+        synchronous call from the tail stream (self._comm_tail) launches on it, with no wait."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True (as in DeepEP)")
         compute = current_stream_handle(self._device_index)
