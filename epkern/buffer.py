@@ -391,8 +391,8 @@ class Buffer:
                 t.record_stream(comm)
             return result, EventOverlap.record(comm, extra_tensors=cuda_inputs + outputs)
         compute.wait_stream(comm)
-        if self._stream_calls and not self._order.is_capturing(compute.cuda_stream):
-            self._comm_tail = compute.cuda_stream
+        if self._stream_calls:
+            self._tail_after_wait(compute.cuda_stream)
         return result, EventOverlap(None)
 
     def _launch(self, fn, inputs: tuple, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
@@ -422,9 +422,8 @@ class Buffer:
                 result = fn(comm)
         if not async_finish:
             order.wait(compute, comm)
-            self._comm_tail = comm if order.is_capturing(compute) else compute
+            self._tail_after_wait(compute)
             return result, EventOverlap(None)
-        self._comm_tail = comm
         outputs = tuple(t for t in _tensors(result) if t.is_cuda)
         cuda_inputs = tuple(t for t in _tensors(inputs) if t.is_cuda)
         current = torch.cuda.current_stream()
@@ -443,6 +442,12 @@ class Buffer:
         if tail != self._comm_handle and not (waits_on_compute and tail == compute):
             self._order.wait(self._comm_handle, tail)
         self._comm_tail = self._comm_handle
+
+    def _tail_after_wait(self, compute: int) -> None:
+        """After the current stream waited for the communication stream: it is the tail now, unless it is
+        capturing (its new work would go into the graph, not after the eager kernels)."""
+        if not self._order.is_capturing(compute):
+            self._comm_tail = compute
 
     # -- layout ---------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
